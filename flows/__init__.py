@@ -1,0 +1,1 @@
+"""digitflow entry points: the command line and the Prefect flows."""

@@ -1,0 +1,1 @@
+"""digitflow pipeline steps: one module per DVC stage, each a plain function."""

@@ -1,0 +1,198 @@
+"""Typed view of params.yaml: one frozen dataclass per stage section.
+
+params.yaml is read once, at an entry point (CLI command, flow), and the typed
+sections are passed to the steps as plain arguments. Unknown keys and
+out-of-range values fail here, before any work, naming the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """params.yaml has an unknown key, a missing section or an invalid value."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ParamsError(f"params: {key}: {msg}")
+
+
+@dataclass(frozen=True)
+class DownloadParams:
+    # Tried in order after $MNIST_MIRROR; the two mirrors torchvision uses.
+    mirrors: list[str] = field(
+        default_factory=lambda: [
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "http://yann.lecun.com/exdb/mnist/",
+        ]
+    )
+    retries: int = 3  # attempts per file and source on transient HTTP errors
+    backoff_s: float = 1.0  # first retry delay; doubles on each further attempt
+    timeout_s: float = 30.0  # socket timeout of one request
+
+    def validate(self, p: str) -> None:
+        _check(self.retries >= 1, f"{p}.retries", f"must be >= 1, got {self.retries}")
+        _check(self.backoff_s >= 0, f"{p}.backoff_s", f"must be >= 0, got {self.backoff_s}")
+        _check(self.timeout_s > 0, f"{p}.timeout_s", f"must be > 0, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    val_fraction: float = 0.3  # the seed report's 70/30 train/validation split
+    seed: int = 42
+
+    def validate(self, p: str) -> None:
+        _check(
+            0.0 < self.val_fraction < 1.0,
+            f"{p}.val_fraction",
+            f"must be in (0, 1), got {self.val_fraction}",
+        )
+
+
+@dataclass(frozen=True)
+class NormalizeParams:
+    # x = (pixel / 255 - mean) / std. The seed used plain [0, 1] pixels.
+    mean: float = 0.0
+    std: float = 1.0
+
+    def validate(self, p: str) -> None:
+        _check(self.std > 0, f"{p}.std", f"must be > 0, got {self.std}")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    model: Literal["seed", "improved"] = "seed"
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 42
+    normalize: NormalizeParams = field(default_factory=NormalizeParams)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def validate(self, p: str) -> None:
+        _check(self.epochs >= 1, f"{p}.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, f"{p}.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, f"{p}.lr", f"must be > 0, got {self.lr}")
+        _check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            f"{p}.device",
+            f"must be auto, cpu or cuda[:N], got {self.device!r}",
+        )
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = 1000  # inference only: bigger batches, fewer calls
+    top_confused: int = 10  # how many (actual, predicted) pairs to list
+
+    def validate(self, p: str) -> None:
+        _check(self.batch_size >= 1, f"{p}.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.top_confused >= 0, f"{p}.top_confused", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    n_misclassified: int = 36  # digits in the grid of misclassified test images
+
+    def validate(self, p: str) -> None:
+        _check(self.n_misclassified >= 0, f"{p}.n_misclassified", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class Params:
+    download: DownloadParams = field(default_factory=DownloadParams)
+    split: SplitParams = field(default_factory=SplitParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    report: ReportParams = field(default_factory=ReportParams)
+
+    def validate(self, p: str = "") -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f.name)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value to the annotated type, or fail naming the key."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), key, f"must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        _check(value in get_args(tp), key, f"must be one of {list(get_args(tp))}, got {value!r}")
+        return value
+    if origin is list:
+        _check(isinstance(value, list), key, f"must be a list, got {type(value).__name__}")
+        (item,) = get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in get_args(tp):
+            return None
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        _check(
+            isinstance(value, int) and not isinstance(value, bool),
+            key,
+            f"must be an integer, got {value!r}",
+        )
+        return value
+    if tp is float:
+        _check(
+            isinstance(value, (int, float)) and not isinstance(value, bool),
+            key,
+            f"must be a number, got {value!r}",
+        )
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), key, f"must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported params type {tp!r} for {key}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    where = f"{prefix}." if prefix else ""
+    _check(
+        not unknown,
+        ", ".join(where + k for k in unknown),
+        f"unknown key (expected one of: {', '.join(sorted(names))})",
+    )
+    kwargs = {k: _coerce(v, hints[k], where + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def parse_params(data: dict[str, Any] | None) -> Params:
+    """Build and validate Params from a parsed params.yaml mapping."""
+    params = _build(Params, data or {}, "")
+    params.validate()
+    return params
+
+
+def load_params(path: Path = Path("params.yaml")) -> Params:
+    """Read params.yaml once; unknown keys or invalid values raise ParamsError."""
+    if not path.is_file():
+        raise ParamsError(f"params file not found: {path}")
+    with path.open() as fh:
+        data = yaml.safe_load(fh)
+    if data is not None and not isinstance(data, dict):
+        raise ParamsError(f"{path}: top level must be a mapping of stage sections")
+    return parse_params(data)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Plain-dict form of a params section, for checkpoints and reports."""
+    return dataclasses.asdict(obj)

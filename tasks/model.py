@@ -1,0 +1,162 @@
+"""The CNNs and the self-describing model file.
+
+A model file is a plain dict of tensors and builtins, so it loads with
+``torch.load(weights_only=True)``: no pickled code is ever executed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tasks.io import atomic_open
+
+FORMAT = "digitflow-model"
+FORMAT_VERSION = 1
+CLASSES = [str(d) for d in range(10)]
+
+
+class SeedCNN(nn.Module):
+    """The seed report's network, layer for layer.
+
+    (B, 1, 28, 28) -conv3-> 26 -pool-> 13 -conv3-> 11 -pool-> 5 -conv3-> 3 -pool-> 1
+    so the flattened feature vector is exactly 64 wide.
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64, 64), nn.ReLU(),
+            nn.Linear(64, 32), nn.ReLU(),
+            nn.Linear(32, num_classes),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B,1,28,28) -> (B,10) logits
+        return self.classifier(self.features(x))
+
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {"seed": SeedCNN}
+
+
+def build_model(arch: str, num_classes: int = 10) -> nn.Module:
+    """A fresh, untrained network of the named architecture."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r} (known: {', '.join(ARCHITECTURES)})")
+    return ARCHITECTURES[arch](num_classes=num_classes)
+
+
+class ModelFileError(ValueError):
+    """The file is not a digitflow model (or is damaged)."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module  # in eval mode, on the requested device
+    arch: str
+    mean: float  # normalization used in training: x = (pixel/255 - mean) / std
+    std: float
+    classes: list[str]
+    params: dict[str, Any]  # the train params the model was made with
+    metrics: dict[str, Any]
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save to a temp file in the same folder, then rename over ``path``."""
+    with atomic_open(path, "wb") as fh:
+        torch.save(obj, fh)
+
+
+def save_model(
+    path: Path,
+    model: nn.Module,
+    arch: str,
+    mean: float,
+    std: float,
+    params: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+    classes: list[str] | None = None,
+) -> Path:
+    """Write weights + architecture + params + normalization + class names, atomically."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_torch_save(
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "arch": arch,
+            "state_dict": state,
+            "normalize": {"mean": float(mean), "std": float(std)},
+            "classes": list(classes or CLASSES),
+            "params": params,
+            "metrics": metrics or {},
+        },
+        path,
+    )
+    return path
+
+
+def load_model(path: Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model file safely; anything that is not ours raises ModelFileError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file not found: {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # the unpickler refuses code; zip/pickle errors for junk
+        raise ModelFileError(
+            f"{path} is not a digitflow model file (refused to load: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ModelFileError(f"{path} is not a digitflow model file (no '{FORMAT}' header)")
+    if blob.get("format_version") != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: model format version {blob.get('format_version')!r} is not supported "
+            f"(expected {FORMAT_VERSION})"
+        )
+    classes = list(blob.get("classes") or CLASSES)
+    try:
+        model = build_model(blob["arch"], num_classes=len(classes))
+        model.load_state_dict(blob["state_dict"])
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(f"{path}: weights do not fit the architecture: {exc}") from exc
+    model.to(device).eval()
+    norm = blob.get("normalize") or {}
+    return LoadedModel(
+        model=model,
+        arch=blob["arch"],
+        mean=float(norm.get("mean", 0.0)),
+        std=float(norm.get("std", 1.0)),
+        classes=classes,
+        params=dict(blob.get("params") or {}),
+        metrics=dict(blob.get("metrics") or {}),
+    )
+
+
+def normalize_uint8(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """uint8 (B, 28, 28) or (B, 1, 28, 28) -> float32 (B, 1, 28, 28), normalized.
+
+    Done on the fly on the compute device, so datasets stay compact uint8.
+    """
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    x = images.to(torch.float32).div_(255.0)
+    if mean != 0.0 or std != 1.0:
+        x = x.sub_(mean).div_(std)
+    return x
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
