@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import logging
 import time
 import urllib.error
@@ -128,19 +129,22 @@ def download_mnist(
     backoff_s: float = 1.0,
     timeout_s: float = 30.0,
     sleep: Callable[[float], None] = time.sleep,
+    checksums: dict[str, str] | None = None,
 ) -> dict[str, Path]:
     """Fetch the four MNIST files into ``out_dir`` as raw IDX; returns {name: path}.
 
     ``sources`` are local folders or http(s)/file URLs, tried in order per file.
-    A file already present with the right checksum is kept as is.
+    A file already present with the right checksum is kept as is. ``checksums``
+    (file name -> SHA-256 of the decompressed file) defaults to MNIST's own.
     """
+    checksums = checksums or MNIST_SHA256
     if not sources:
         raise DownloadError("no MNIST source configured: set MNIST_MIRROR to a folder or URL")
     out_dir.mkdir(parents=True, exist_ok=True)
     done: dict[str, Path] = {}
     for key, name in MNIST_FILES.items():
         target = out_dir / name
-        expected = MNIST_SHA256[name]
+        expected = checksums[name]
         if target.is_file() and _sha256(target.read_bytes()) == expected:
             done[key] = target
             continue
@@ -171,3 +175,12 @@ def download_mnist(
                 "e.g. MNIST_MIRROR=../shared/mnist"
             )
     return done
+
+
+def load_checksums(path: Path) -> dict[str, str]:
+    """Checksums for a private MNIST-format dataset: JSON {file name: sha256}, all four names."""
+    data = json.loads(Path(path).read_text())
+    missing = sorted(set(MNIST_SHA256) - set(data if isinstance(data, dict) else {}))
+    if missing:
+        raise DownloadError(f"{path}: checksum file lacks {', '.join(missing)}")
+    return {name: str(data[name]) for name in MNIST_SHA256}

@@ -1,0 +1,108 @@
+"""Benchmark: the seed config end to end on real MNIST, against the seed-style reference.
+
+Runs each stage's command (as dvc.yaml does) in a scratch folder, recording wall
+time and peak memory per stage, then trains the reference (torchvision MNIST +
+ToTensor + DataLoader, same network and optimizer) in the same run.
+
+    MNIST_MIRROR=../shared/mnist .venv/bin/python benchmarks/pipeline.py
+
+Writes benchmarks/results/pipeline.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["download", "split", "train", "evaluate", "report"]
+
+
+def run_measured(cmd: list[str], cwd: Path, env: dict[str, str]) -> dict[str, float]:
+    """Run ``cmd``; wall seconds and the child's peak RSS (MiB) from wait4's rusage."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"{shlex.join(cmd)} failed with exit code {code}")
+    return {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024}  # ru_maxrss is KiB on Linux
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=None, help="override train.epochs (default: params)")
+    ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/pipeline.json")
+    args = ap.parse_args()
+    if not os.environ.get("MNIST_MIRROR"):
+        raise SystemExit("set MNIST_MIRROR (e.g. ../shared/mnist) to a folder with the MNIST files")
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    if args.epochs is not None:
+        params["train"]["epochs"] = args.epochs
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env["MNIST_MIRROR"] = str(Path(env["MNIST_MIRROR"]).resolve())
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="digitflow-bench-") as tmp:
+        work = Path(tmp)
+        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        for name in STAGES:
+            cmd = shlex.split(stages[name]["cmd"])
+            results[name] = run_measured(cmd, work, env)
+            print(f"{name}: {results[name]['wall_s']:.1f} s", flush=True)
+        metrics = json.loads((work / "data/evaluate/metrics.json").read_text())
+        reference = None
+        if not args.skip_reference:
+            sys.path.insert(0, str(ROOT))
+            from benchmarks.reference import train_reference
+
+            t = params["train"]
+            reference = train_reference(
+                work / "data/raw", epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"],
+                seed=t["seed"], val_fraction=params["split"]["val_fraction"],
+                on_epoch=lambda e, s, a: print(f"reference epoch {e}: {s:.1f} s, test {a:.4f}"),
+            )  # fmt: skip
+
+    train_s = results["train"]["wall_s"]
+    summary = {
+        "epochs": params["train"]["epochs"],
+        "stages": results,
+        "total_s": sum(r["wall_s"] for r in results.values()),
+        "test_accuracy": metrics["accuracy"],
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in results.values()),
+        "reference": reference,
+        # > 1 means our whole train stage (process start, data load, per-epoch validation
+        # included) is faster than the reference's bare training loops
+        "train_speedup_vs_reference": reference["train_s"] / train_s if reference else None,
+        "cpu_count": os.cpu_count(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+
+    print("\n| stage | wall time (s) | peak memory (MiB) |\n|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} |")
+    print(f"| **total** | {summary['total_s']:.1f} | {summary['peak_rss_mib']:.0f} |")
+    print(f"\ntest accuracy (seed config, {summary['epochs']} epochs): {metrics['accuracy']:.4f}")
+    if reference:
+        print(
+            f"reference (torchvision MNIST + ToTensor + DataLoader): training loops "
+            f"{reference['train_s']:.1f} s, test accuracy {reference['test_accuracy']:.4f}\n"
+            f"train stage speed-up vs reference: {summary['train_speedup_vs_reference']:.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()

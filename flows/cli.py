@@ -1,0 +1,183 @@
+"""The ``digitflow`` command line: one command per pipeline stage, plus the flows.
+
+Each command reads params.yaml once (``--params``) and passes the typed values
+to the step function; dvc.yaml calls these commands.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    help="digitflow: handwritten-digit recognition as a reproducible pipeline.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read")]
+DEFAULT_PARAMS = Path("params.yaml")
+# JSON {file name: sha256} replacing MNIST's checksums, for MNIST-format data of your own
+CHECKSUMS_ENV = "DIGITFLOW_MNIST_CHECKSUMS"
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _fail_cleanly(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Known failures become one clear line on stderr and exit 1 (2 for bad params)."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from tasks.config import ParamsError
+        from tasks.download import DownloadError
+        from tasks.idx import IdxError
+        from tasks.model import ModelFileError
+
+        try:
+            return func(*args, **kwargs)
+        except ParamsError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        except (DownloadError, IdxError, ModelFileError, FileNotFoundError, ValueError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from exc
+
+    return wrapper
+
+
+@app.command()
+@_fail_cleanly
+def download(
+    out: Annotated[Path, typer.Option(help="folder for the raw IDX files")] = Path("data/raw"),
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Fetch the four MNIST files ($MNIST_MIRROR first, then the configured mirrors)."""
+    from tasks.config import load_params
+    from tasks.download import download_mnist, load_checksums, sources_in_order
+
+    p = load_params(params).download
+    checksums = None
+    if custom := os.environ.get(CHECKSUMS_ENV):
+        # a private MNIST-format dataset (or the tests' synthetic one): its own checksums
+        logging.getLogger(__name__).warning("checking files against %s, not MNIST's", custom)
+        checksums = load_checksums(Path(custom))
+    files = download_mnist(
+        out,
+        sources_in_order(os.environ.get("MNIST_MIRROR"), p.mirrors),
+        retries=p.retries,
+        backoff_s=p.backoff_s,
+        timeout_s=p.timeout_s,
+        checksums=checksums,
+    )
+    typer.echo(f"downloaded {len(files)} files to {out}")
+
+
+@app.command()
+@_fail_cleanly
+def split(
+    raw: Annotated[Path, typer.Option(help="folder of raw IDX files")] = Path("data/raw"),
+    out: Annotated[Path, typer.Option(help="folder for train/val/test .npz")] = Path(
+        "data/prepared"
+    ),
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Parse IDX and write the seeded train/validation split and the test set."""
+    from tasks.config import load_params
+    from tasks.split import split_dataset
+
+    p = load_params(params).split
+    paths = split_dataset(raw, out, p.val_fraction, p.seed)
+    typer.echo("wrote " + ", ".join(str(v) for v in paths.values()))
+
+
+@app.command()
+@_fail_cleanly
+def train(
+    data: Annotated[Path, typer.Option(help="folder with train.npz and val.npz")] = Path(
+        "data/prepared"
+    ),
+    model: Annotated[Path, typer.Option(help="model file to write")] = Path("data/model/model.pt"),
+    live_dir: Annotated[Path, typer.Option(help="dvclive metrics/plots folder")] = Path(
+        "data/train"
+    ),
+    checkpoint: Annotated[Path, typer.Option(help="resume checkpoint (removed when done)")] = Path(
+        "data/checkpoints/train.pt"
+    ),
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Train the CNN; resumes from the checkpoint of an interrupted identical run."""
+    from tasks.config import load_params
+    from tasks.train import train as train_step
+
+    p = load_params(params).train
+    result = train_step(data / "train.npz", data / "val.npz", model, live_dir, checkpoint, p)
+    last = result.history[-1]
+    typer.echo(f"wrote {model}: val_accuracy {last['val_accuracy']:.4f}")
+
+
+@app.command()
+@_fail_cleanly
+def evaluate(
+    model: Annotated[Path, typer.Option(help="model file")] = Path("data/model/model.pt"),
+    test: Annotated[Path, typer.Option(help="test set .npz")] = Path("data/prepared/test.npz"),
+    out: Annotated[Path, typer.Option(help="folder for metrics and plots")] = Path(
+        "data/evaluate"
+    ),
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Test accuracy, per-class metrics, confusion matrix, most-confused pairs."""
+    from tasks.config import load_params
+    from tasks.evaluate import evaluate as evaluate_step
+
+    all_params = load_params(params)
+    p = all_params.evaluate
+    result = evaluate_step(model, test, out, p.batch_size, p.top_confused, all_params.train.device)
+    typer.echo(f"test accuracy {result.metrics['accuracy']:.4f} -> {result.metrics_path}")
+
+
+@app.command()
+@_fail_cleanly
+def report(
+    model: Annotated[Path, typer.Option(help="model file")] = Path("data/model/model.pt"),
+    eval_dir: Annotated[Path, typer.Option(help="evaluate stage output")] = Path("data/evaluate"),
+    test: Annotated[Path, typer.Option(help="test set .npz")] = Path("data/prepared/test.npz"),
+    out: Annotated[Path, typer.Option(help="report folder")] = Path("data/report"),
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Markdown report with figures, filled from this run."""
+    from tasks.config import load_params, to_dict
+    from tasks.report import write_report
+
+    p = load_params(params)
+    # the sections that shaped this run's numbers (the report stage's params in dvc.yaml)
+    shown = {name: to_dict(getattr(p, name)) for name in ("split", "train", "evaluate", "report")}
+    path = write_report(model, eval_dir, test, out, shown, p.report.n_misclassified)
+    typer.echo(f"wrote {path}")
+
+
+# --- commands defined in their own modules (their heavy imports stay inside the functions) ---
+# (registered below this line)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

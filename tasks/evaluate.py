@@ -1,0 +1,107 @@
+"""Evaluate stage: the trained model on the 10,000-image test set.
+
+Writes the metrics DVC compares (``accuracy`` and ``loss`` at the top level),
+per-class precision/recall/F1, the confusion matrix as a DVC plot (one row per
+test image: actual, predicted) and the most-confused pairs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tasks.data import load_arrays
+from tasks.io import atomic_write_text
+from tasks.model import load_model, pick_device
+from tasks.train import evaluate_arrays
+
+
+@dataclass
+class EvaluateResult:
+    metrics: dict[str, Any]  # accuracy, loss, macro averages
+    per_class: list[dict[str, Any]]  # one row per class: precision, recall, f1, support
+    confused_pairs: list[dict[str, Any]]  # (actual, predicted, count), most frequent first
+    metrics_path: Path
+    classes_path: Path
+    confusion_path: Path
+    predictions: np.ndarray  # (N,) predicted class per test image
+
+
+def most_confused(actual: np.ndarray, predicted: np.ndarray, top: int) -> list[dict[str, Any]]:
+    """The ``top`` off-diagonal (actual, predicted) pairs by count."""
+    cm = np.zeros((10, 10), dtype=np.int64)
+    np.add.at(cm, (actual, predicted), 1)
+    np.fill_diagonal(cm, 0)
+    order = np.argsort(-cm, axis=None, kind="stable")[:top]
+    pairs = [divmod(int(i), 10) for i in order]
+    return [{"actual": a, "predicted": p, "count": int(cm[a, p])} for a, p in pairs if cm[a, p]]
+
+
+def evaluate(
+    model_path: Path,
+    test_path: Path,
+    out_dir: Path,
+    batch_size: int = 1000,
+    top_confused: int = 10,
+    device: str = "auto",
+) -> EvaluateResult:
+    """Score ``model_path`` on ``test_path``; write metrics.json, classes.json, confusion.csv."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    dev = pick_device(device)
+    loaded = load_model(model_path, device=dev)
+    images, labels = load_arrays(test_path)
+    loss, accuracy, pred = evaluate_arrays(
+        loaded.model,
+        torch.from_numpy(images).to(dev),
+        torch.from_numpy(labels).to(dev),
+        loaded.mean,
+        loaded.std,
+        batch_size,
+    )
+    predicted = pred.cpu().numpy()
+    actual = labels.astype(np.int64)
+    prec, rec, f1, support = precision_recall_fscore_support(
+        actual, predicted, labels=list(range(10)), zero_division=0
+    )
+    per_class = [
+        {
+            "class": loaded.classes[c],
+            "precision": float(prec[c]),
+            "recall": float(rec[c]),
+            "f1": float(f1[c]),
+            "support": int(support[c]),
+        }
+        for c in range(10)
+    ]
+    metrics = {
+        "accuracy": accuracy,
+        "loss": loss,
+        "macro_precision": float(prec.mean()),
+        "macro_recall": float(rec.mean()),
+        "macro_f1": float(f1.mean()),
+        "n_test": int(len(labels)),
+        "errors": int((predicted != actual).sum()),
+    }
+    confused = most_confused(actual, predicted, top_confused)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    classes_path = atomic_write_text(
+        out_dir / "classes.json",
+        json.dumps({"per_class": per_class, "most_confused": confused}, indent=2) + "\n",
+    )
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["actual", "predicted"])
+    writer.writerows(zip(actual.tolist(), predicted.tolist(), strict=True))
+    confusion_path = atomic_write_text(out_dir / "confusion.csv", buf.getvalue())
+    return EvaluateResult(
+        metrics, per_class, confused, metrics_path, classes_path, confusion_path, predicted
+    )

@@ -1,0 +1,73 @@
+"""params.yaml validation: unknown keys and bad values fail before any work, naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.config import ParamsError, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_project_params_yaml_loads_with_seed_defaults():
+    p = load_params(ROOT / "params.yaml")
+    assert p.split.val_fraction == 0.3
+    assert (p.train.model, p.train.epochs, p.train.batch_size, p.train.lr) == ("seed", 5, 64, 1e-3)
+
+
+def test_every_params_value_is_commented():
+    for lineno, line in enumerate((ROOT / "params.yaml").read_text().splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#") or stripped.endswith(":"):
+            continue  # blank, comment, or a section/mapping header
+        if stripped.startswith("- "):
+            continue  # list items are explained by their key's comment
+        assert "#" in line, f"params.yaml:{lineno} has no comment: {line!r}"
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"train": {"epochs": -1}}, "train.epochs"),
+        ({"train": {"epochs": 0}}, "train.epochs"),
+        ({"split": {"val_fraction": 1.0}}, "split.val_fraction"),
+        ({"split": {"val_fraction": 0}}, "split.val_fraction"),
+        ({"train": {"lr": "fast"}}, "train.lr"),
+        ({"train": {"model": "resnet"}}, "train.model"),
+        ({"train": {"epochs": 2.5}}, "train.epochs"),
+        ({"train": {"normalize": {"std": 0}}}, "train.normalize.std"),
+        ({"train": {"batchsize": 64}}, "train.batchsize"),
+        ({"trian": {}}, "trian"),
+        ({"download": {"mirrors": "http://x"}}, "download.mirrors"),
+        ({"predict": {"workers": 0}}, "predict.workers"),
+        ({"retrain": {"min_improvement": -0.1}}, "retrain.min_improvement"),
+    ],
+)
+def test_bad_params_name_the_key(data: dict, key: str):
+    with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
+        parse_params(data)
+
+
+def test_unknown_key_lists_expected_keys():
+    with pytest.raises(ParamsError, match="unknown key.*epochs"):
+        parse_params({"train": {"epoch": 3}})
+
+
+def test_int_is_accepted_for_float_and_sections_default(tmp_path: Path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"train": {"lr": 1}}))
+    p = load_params(path)
+    assert p.train.lr == 1.0 and isinstance(p.train.lr, float)
+    assert p.split.seed == 42
+
+
+def test_missing_or_non_mapping_file(tmp_path: Path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ParamsError, match="mapping"):
+        load_params(bad)

@@ -1,0 +1,104 @@
+"""End to end: `dvc repro` of the real dvc.yaml in a temporary git + DVC repo, on tiny data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "tasks", "flows", "data"]
+
+
+def make_repo(dest: Path, tiny_mnist: Path, train_overrides: dict | None = None) -> dict[str, str]:
+    """Copy the project's pipeline into ``dest`` as a fresh git + DVC repo; return its env."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            # only git-tracked content: the project's data/ outputs stay behind
+            tracked = subprocess.run(["git", "ls-files", name], cwd=ROOT, capture_output=True,
+                                     text=True, check=True).stdout.split()  # fmt: skip
+            for rel in tracked:
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / rel, dest / rel)
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["train"].update({"epochs": 1, "batch_size": 32, **(train_overrides or {})})
+    params["evaluate"]["batch_size"] = 100
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "MNIST_MIRROR": str(tiny_mnist / "mirror"),
+        "DIGITFLOW_MNIST_CHECKSUMS": str(tiny_mnist / "checksums.json"),
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
+        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid",
+    }  # fmt: skip
+    env.pop("DVC_EXP_BASELINE_REV", None)
+    run(["git", "init", "-q", "-b", "main"], dest, env)
+    run(["dvc", "init", "-q"], dest, env)
+    run(["dvc", "config", "core.autostage", "true"], dest, env)
+    run(["git", "add", "-A"], dest, env)
+    run(["git", "commit", "-qm", "pipeline"], dest, env)
+    return env
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def stage_names(repo: Path) -> list[str]:
+    return list(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
+
+
+@pytest.mark.timeout(900)
+def test_dvc_repro_end_to_end_then_skip_then_metrics_diff(tiny_mnist: Path, tmp_path: Path):
+    repo = tmp_path / "repo"
+    env = make_repo(repo, tiny_mnist)
+
+    out = run(["dvc", "repro"], repo, env)
+    for stage in stage_names(repo):
+        assert f"Running stage '{stage}'" in out
+    metrics = json.loads((repo / "data/evaluate/metrics.json").read_text())
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["n_test"] == 200
+    assert (repo / "data/report/report.md").is_file()
+    assert (repo / "dvc.lock").is_file()
+
+    # nothing changed: every stage is skipped
+    again = run(["dvc", "repro"], repo, env)
+    assert "Running stage" not in again
+    for stage in stage_names(repo):
+        assert f"Stage '{stage}' didn't change, skipping" in again
+    assert "up to date" in run(["dvc", "status"], repo, env)
+
+    # metrics and plots are readable by DVC
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo, env))
+    assert "data/evaluate/metrics.json" in json.dumps(shown)
+    plots = run(["dvc", "plots", "show", "--json"], repo, env)
+    assert "Confusion matrix" in plots and "Accuracy" in plots
+
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "run 1"], repo, env)
+
+    # a params change: only the downstream stages rerun, and the change shows in metrics diff
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["epochs"] = 2
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(["dvc", "repro"], repo, env)
+    assert "Running stage 'train'" in out and "Running stage 'split'" not in out
+    diff = json.loads(run(["dvc", "metrics", "diff", "--json"], repo, env))
+    train_diff = diff["data/train/metrics.json"]
+    assert train_diff["step"]["old"] == 1 and train_diff["step"]["new"] == 2
+    assert set(train_diff["val.accuracy"]) >= {"old", "new", "diff"}
+    params_diff = json.loads(run(["dvc", "params", "diff", "--json"], repo, env))
+    assert params_diff["params.yaml"]["train.epochs"] == {"old": 1, "new": 2}
