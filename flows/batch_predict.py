@@ -1,0 +1,130 @@
+"""The ``batch_predict`` flow: a folder too big for one process, in chunks over a task runner.
+
+The inputs are expanded and sorted once, cut into chunks of ``chunk_size`` files
+and mapped over the task runner: local threads by default, or a Dask cluster
+(``dask_address``) whose workers see the same paths (a shared filesystem). Each
+chunk task returns its rows (no images); the flow writes them in input order to
+a temp file renamed at the end. Chunking and batching do not depend on the
+runner, so the output is byte-for-byte the same either way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tasks.model import load_model
+from tasks.predict import (
+    PredictSummary,
+    PredictUsageError,
+    Row,
+    check_options,
+    chunked,
+    expand_inputs,
+    open_output,
+    predict_chunk,
+)
+
+# Locally, one chunk at a time: a chunk already keeps every core busy (decode threads
+# overlapping inference); more chunks at once would only hold more rows in memory.
+LOCAL_CHUNKS_AT_ONCE = 1
+
+
+@task(name="predict-chunk", cache_policy=NO_CACHE, persist_result=False)
+def predict_chunk_task(
+    paths: Sequence[str],
+    model_path: str,
+    batch_size: int,
+    workers: int,
+    preprocess: bool,
+    debug_dir: str | None,
+    index_offset: int,
+) -> list[Row]:
+    """Rows of one chunk (runs on whichever worker the task runner picks)."""
+    return predict_chunk(
+        paths, model_path, batch_size, workers, preprocess, debug_dir, index_offset
+    )
+
+
+@flow(name="batch_predict", task_runner=ThreadPoolTaskRunner(max_workers=LOCAL_CHUNKS_AT_ONCE))
+def batch_predict(
+    inputs: list[str],
+    model_path: Path,
+    out_path: Path,
+    fmt: str = "csv",
+    chunk_size: int = 1000,
+    batch_size: int = 256,
+    workers: int = 2,
+    preprocess: bool = True,
+    debug_dir: Path | None = None,
+) -> PredictSummary:
+    """Classify every image under ``inputs`` into ``out_path``, chunk by chunk."""
+    log = get_run_logger()
+    check_options(out_path, fmt, batch_size, workers)
+    if chunk_size < 1:
+        raise PredictUsageError(f"chunk size must be >= 1, got {chunk_size}")
+    paths = expand_inputs(inputs, exclude=[out_path])
+    if not paths:
+        raise PredictUsageError("no input files (the folders are empty or hold only hidden files)")
+    # refuse a bad model here, once, rather than in every chunk task
+    loaded = load_model(Path(model_path))
+    chunks = chunked(paths, chunk_size)
+    log.info("%d files in %d chunks of <= %d", len(paths), len(chunks), chunk_size)
+    futures = predict_chunk_task.map(
+        chunks,
+        unmapped(str(model_path)),
+        unmapped(batch_size),
+        unmapped(workers),
+        unmapped(preprocess),
+        unmapped(None if debug_dir is None else str(debug_dir)),
+        [i * chunk_size for i in range(len(chunks))],
+    )
+    pending = deque(futures)  # popped once written, so a chunk's rows are freed
+    del futures
+    summary = PredictSummary(out_path=Path(out_path))
+    with open_output(Path(out_path), fmt, len(loaded.classes)) as writer:
+        while pending:  # in input order, whatever order the chunks finish in
+            for row in pending.popleft().result():
+                writer.write(row)
+                summary.count(row)
+    return summary
+
+
+def run_batch_predict(
+    inputs: Sequence[Path | str],
+    model_path: Path,
+    out_path: Path,
+    fmt: str = "csv",
+    chunk_size: int = 1000,
+    batch_size: int = 256,
+    workers: int = 2,
+    preprocess: bool = True,
+    debug_dir: Path | None = None,
+    dask_address: str | None = None,
+) -> PredictSummary:
+    """Run the flow on local threads, or on the Dask scheduler at ``dask_address``."""
+    flow_ = batch_predict
+    if dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        flow_ = batch_predict.with_options(task_runner=DaskTaskRunner(address=dask_address))
+    t0 = time.perf_counter()
+    summary = flow_(
+        inputs=[str(p) for p in inputs],
+        model_path=Path(model_path),
+        out_path=Path(out_path),
+        fmt=fmt,
+        chunk_size=chunk_size,
+        batch_size=batch_size,
+        workers=workers,
+        preprocess=preprocess,
+        debug_dir=debug_dir,
+    )
+    summary.seconds = time.perf_counter() - t0
+    return summary

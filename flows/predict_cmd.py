@@ -1,0 +1,212 @@
+"""CLI commands ``digitflow predict`` and ``digitflow batch-predict``.
+
+Registered in flows/cli.py. torch, OpenCV and Prefect are imported inside the
+commands so the CLI starts fast. Exit codes: 0 every row ok, 1 some rows empty
+or error (summary on stderr; ``--allow-failures`` makes it 0), 2 usage errors
+(no inputs, model file missing or not ours, bad options or params).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+if TYPE_CHECKING:
+    from tasks.config import PredictParams
+    from tasks.predict import PredictSummary
+
+DEFAULT_MODEL = Path("data/model/model.pt")  # the training pipeline's model
+DEFAULT_PARAMS = Path("params.yaml")
+MAX_PROBLEMS_SHOWN = 10  # non-ok rows listed on stderr; the output file has them all
+
+
+class OutputFormat(StrEnum):
+    csv = "csv"
+    jsonl = "jsonl"
+
+
+PathsArg = Annotated[
+    list[str],
+    typer.Argument(help="image files, folders (searched recursively) or glob patterns"),
+]
+ModelOpt = Annotated[
+    Path, typer.Option("--model", "-m", help="model file (default: the pipeline's model)")
+]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="output file, written atomically")]
+FormatOpt = Annotated[
+    OutputFormat | None,
+    typer.Option("--format", "-f", help="output format [default: from --out's suffix, else csv]"),
+]
+PreprocessOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--preprocess/--no-preprocess",
+        help="MNIST-style preprocessing of photos; --no-preprocess only resizes to 28x28, "
+        "for images that are already MNIST-like [default: params, else on]",
+        show_default=False,
+    ),
+]
+DebugOpt = Annotated[
+    Path | None, typer.Option("--debug-dir", help="save every 28x28 network input here as PNG")
+]
+BatchOpt = Annotated[
+    int | None,
+    typer.Option("--batch-size", min=1, help="images per forward pass [default: params]"),
+]
+WorkersOpt = Annotated[
+    int | None, typer.Option("--workers", min=1, help="decoding threads [default: params]")
+]
+ParamsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--params",
+        help="params.yaml whose `predict` section gives the options not set here "
+        "[default: ./params.yaml if present, else built-in defaults]",
+        show_default=False,
+    ),
+]
+AllowOpt = Annotated[
+    bool,
+    typer.Option("--allow-failures", help="exit 0 even if some files are empty or unreadable"),
+]
+ProgressOpt = Annotated[
+    bool | None,
+    typer.Option("--progress/--no-progress", help="progress bar [default: on a terminal]"),
+]
+
+
+def _usage_error(msg: str) -> typer.Exit:
+    typer.echo(f"error: {msg}", err=True)
+    return typer.Exit(2)
+
+
+def _predict_params(path: Path | None) -> PredictParams:
+    """The `predict` section of params.yaml (read only here, at the entry point)."""
+    from tasks.config import PredictParams, load_params
+
+    if path is None:
+        if not DEFAULT_PARAMS.is_file():
+            return PredictParams()
+        path = DEFAULT_PARAMS
+    return load_params(path).predict
+
+
+def _format_for(out: Path, fmt: OutputFormat | None) -> str:
+    if fmt is not None:
+        return fmt.value
+    return "jsonl" if out.suffix.lower() in (".jsonl", ".ndjson") else "csv"
+
+
+def _report(summary: PredictSummary, allow_failures: bool) -> None:
+    """Summary line (and the first problems) on stderr; exit 1 if any row is not ok."""
+    rate = summary.total / summary.seconds if summary.seconds > 0 else 0.0
+    typer.echo(
+        f"{summary.total} files: {summary.ok} ok, {summary.empty} empty, {summary.error} error "
+        f"-> {summary.out_path} ({summary.seconds:.1f} s, {rate:.0f} files/s)",
+        err=True,
+    )
+    for row in summary.first_problems[:MAX_PROBLEMS_SHOWN]:
+        typer.echo(f"  {row.status}: {row.path}: {row.message}", err=True)
+    if summary.failed > len(summary.first_problems[:MAX_PROBLEMS_SHOWN]):
+        typer.echo(f"  ... see {summary.out_path} for all {summary.failed}", err=True)
+    if summary.failed and not allow_failures:
+        raise typer.Exit(1)
+
+
+def predict(
+    paths: PathsArg,
+    model: ModelOpt = DEFAULT_MODEL,
+    out: OutOpt = Path("predictions.csv"),
+    fmt: FormatOpt = None,
+    preprocess: PreprocessOpt = None,
+    debug_dir: DebugOpt = None,
+    batch_size: BatchOpt = None,
+    workers: WorkersOpt = None,
+    params: ParamsOpt = None,
+    allow_failures: AllowOpt = False,
+    progress: ProgressOpt = None,
+) -> None:
+    """Classify images (files, folders, globs): one row per file, sorted by path.
+
+    Columns: path, label, confidence, p0..p9, status (ok/empty/error), message.
+    """
+    from tasks.config import ParamsError
+    from tasks.model import ModelFileError
+    from tasks.predict import PredictUsageError, predict_paths
+
+    try:
+        p = _predict_params(params)
+        summary = predict_paths(
+            paths,
+            model_path=model,
+            out_path=out,
+            fmt=_format_for(out, fmt),
+            batch_size=batch_size or p.batch_size,
+            workers=workers or p.workers,
+            preprocess=p.preprocess if preprocess is None else preprocess,
+            debug_dir=debug_dir,
+            progress=progress,
+        )
+    except (ParamsError, PredictUsageError, ModelFileError) as exc:
+        raise _usage_error(str(exc)) from exc
+    _report(summary, allow_failures)
+
+
+def batch_predict(
+    paths: PathsArg,
+    model: ModelOpt = DEFAULT_MODEL,
+    out: OutOpt = Path("predictions.csv"),
+    fmt: FormatOpt = None,
+    preprocess: PreprocessOpt = None,
+    debug_dir: DebugOpt = None,
+    batch_size: BatchOpt = None,
+    workers: WorkersOpt = None,
+    chunk_size: Annotated[
+        int | None,
+        typer.Option("--chunk-size", min=1, help="files per Prefect task [default: params]"),
+    ] = None,
+    dask_address: Annotated[
+        str | None,
+        typer.Option(
+            "--dask-address",
+            help="run the chunks on this Dask scheduler (tcp://host:8786); "
+            "the workers must see the same paths [default: local threads]",
+        ),
+    ] = None,
+    params: ParamsOpt = None,
+    allow_failures: AllowOpt = False,
+) -> None:
+    """Classify images as a Prefect flow: chunks of files mapped over a task runner.
+
+    Same output as `predict`, whether the chunks run locally or on a Dask cluster.
+    """
+    from tasks.config import ParamsError
+    from tasks.model import ModelFileError
+    from tasks.predict import PredictUsageError
+
+    try:
+        p = _predict_params(params)
+    except ParamsError as exc:
+        raise _usage_error(str(exc)) from exc
+
+    from flows.batch_predict import run_batch_predict
+
+    try:
+        summary = run_batch_predict(
+            paths,
+            model_path=model,
+            out_path=out,
+            fmt=_format_for(out, fmt),
+            chunk_size=chunk_size or p.chunk_size,
+            batch_size=batch_size or p.batch_size,
+            workers=workers or p.workers,
+            preprocess=p.preprocess if preprocess is None else preprocess,
+            debug_dir=debug_dir,
+            dask_address=dask_address,
+        )
+    except (PredictUsageError, ModelFileError) as exc:
+        raise _usage_error(str(exc)) from exc
+    _report(summary, allow_failures)

@@ -1,0 +1,477 @@
+"""Batch predictions: files, folders and globs in, one CSV/JSONL row per file out.
+
+Streaming and memory-bounded: the sorted list of paths is the only thing that
+grows with the input (~100 bytes a file). Files are decoded and preprocessed in
+a thread pool (OpenCV and numpy release the GIL) with a bounded number of chunks
+in flight; each prepared input is a 784-byte 28x28 image, batched for the
+network and written out as soon as its batch is done. The output goes to a temp
+file renamed at the end, so an interrupted run leaves no half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import glob
+import json
+import os
+import re
+import sys
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.io import atomic_open
+from tasks.model import load_model, normalize_uint8
+from tasks.preprocess import Prepared, encode_png, prepare_file, set_opencv_threads
+
+FORMATS = ("csv", "jsonl")
+N_CLASSES = 10
+PROB_DECIMALS = 6  # probabilities in the output: enough to rank, short enough to diff
+
+# Suffixes of the formats OpenCV decodes: a folder named like this is reported, not walked.
+IMAGE_SUFFIXES = frozenset(
+    {
+        ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".tif", ".tiff", ".webp",
+        ".gif", ".pbm", ".pgm", ".ppm", ".pnm", ".pxm", ".sr", ".ras", ".exr", ".hdr", ".pic",
+        ".jp2", ".j2k", ".jpf", ".jpx", ".pfm", ".avif",
+    }
+)  # fmt: skip
+DECODE_CHUNK = 32  # files per thread-pool task: amortizes the executor's per-task overhead
+JIT_DEPRECATION = r"`torch\.jit\.\w+` is deprecated"  # torch.jit FutureWarnings
+INFER_SLICE = 64  # images per network call (see Classifier.probabilities)
+IN_FLIGHT_PER_WORKER = 2  # chunks queued per decode thread: keeps them busy, bounds memory
+HELD_ROWS_PER_IMAGE = 4  # rows held back for a batch: at most 4 x batch_size (bounded memory)
+PROBLEMS_KEPT = 10  # non-ok rows a summary keeps for the log (the output file has them all)
+
+
+class PredictUsageError(ValueError):
+    """The command cannot run at all (no inputs, bad options); exit code 2."""
+
+
+@dataclass
+class Row:
+    """One output row: a file and its prediction, or why there is none."""
+
+    path: str
+    status: str  # "ok" | "empty" | "error"
+    message: str = ""
+    label: str | None = None  # class name of the most probable class, when ok
+    confidence: float | None = None  # its softmax probability
+    probs: list[float] | None = None  # (10,) softmax probabilities, when ok
+
+
+@dataclass
+class PredictSummary:
+    """What a run produced; ``ok + empty + error == total``."""
+
+    out_path: Path
+    total: int = 0
+    ok: int = 0
+    empty: int = 0
+    error: int = 0
+    seconds: float = 0.0
+    first_problems: list[Row] = field(default_factory=list)  # the first non-ok rows, for the log
+
+    @property
+    def failed(self) -> int:
+        return self.total - self.ok
+
+    def count(self, row: Row) -> None:
+        self.total += 1
+        setattr(self, row.status, getattr(self, row.status) + 1)
+        if row.status != "ok" and len(self.first_problems) < PROBLEMS_KEPT:
+            self.first_problems.append(row)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _is_image_named_dir(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES
+
+
+def _walk(top: str) -> Iterator[str]:
+    """Every non-hidden file under ``top``; folders named like images are yielded, not walked.
+
+    Hidden entries (.DS_Store, .git, a run's own temp files) are skipped; symlinked
+    folders are not followed (no cycles).
+    """
+    # a folder os.walk cannot list is yielded too: its row says it cannot be read
+    unreadable: list[str] = []
+    for root, dirs, files in os.walk(top, onerror=lambda e: unreadable.append(e.filename)):
+        keep = []
+        for d in dirs:
+            if d.startswith("."):
+                continue
+            if _is_image_named_dir(d):
+                yield os.path.join(root, d)  # becomes an error row: "is a folder"
+            else:
+                keep.append(d)
+        dirs[:] = keep
+        for f in files:
+            if not f.startswith("."):
+                yield os.path.join(root, f)
+    yield from unreadable
+
+
+def expand_inputs(inputs: Iterable[Path | str], exclude: Iterable[Path] = ()) -> list[str]:
+    """Files, folders (recursive) and glob patterns -> sorted, de-duplicated path strings.
+
+    A path that does not exist and a pattern that matches nothing are kept as they
+    are, so they get an error row instead of vanishing. ``exclude`` (the output
+    file) is left out.
+    """
+    excluded = {os.path.realpath(p) for p in exclude}
+    excluded_names = {os.path.basename(p) for p in excluded}
+    found: set[str] = set()
+    for item in inputs:
+        arg = os.fspath(item)
+        if os.path.isdir(arg) and not _is_image_named_dir(arg):
+            matches: Iterable[str] = [arg]
+        elif not os.path.lexists(arg) and glob.has_magic(arg):
+            matches = glob.glob(arg, recursive=True) or [arg]
+        else:
+            matches = [arg]
+        for m in matches:
+            if os.path.isdir(m) and not _is_image_named_dir(m):
+                found.update(os.path.normpath(p) for p in _walk(m))
+            else:
+                found.add(os.path.normpath(m))
+    # realpath (a few syscalls) only for files named like an excluded one
+    return sorted(
+        p
+        for p in found
+        if os.path.basename(p) not in excluded_names or os.path.realpath(p) not in excluded
+    )
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _debug_name(index: int, path: str) -> str:
+    """A safe, unique file name for the debug image of input number ``index``."""
+    name = os.path.basename(path).encode("utf-8", "backslashreplace").decode("utf-8")
+    safe = re.sub(r"[^\w.-]", "_", name)[:100]
+    return f"{index:07d}_{safe}.png"
+
+
+def _prepare_chunk(
+    paths: Sequence[str], start: int, preprocess: bool, debug_dir: Path | None
+) -> list[Prepared]:
+    """Decode + preprocess a few files (runs in a pool thread)."""
+    out = []
+    for i, path in enumerate(paths):
+        prep = prepare_file(path, preprocess=preprocess)
+        if prep.status == "error" and prep.message == "no such file" and glob.has_magic(path):
+            prep = Prepared(None, "error", "no file matches this pattern")
+        if debug_dir is not None and prep.image is not None:
+            (debug_dir / _debug_name(start + i, path)).write_bytes(encode_png(prep.image))
+        out.append(prep)
+    return out
+
+
+def _prepared_stream(
+    paths: Sequence[str],
+    workers: int,
+    preprocess: bool,
+    debug_dir: Path | None,
+    index_offset: int = 0,
+) -> Iterator[tuple[str, Prepared]]:
+    """(path, Prepared) in input order; at most workers * 2 chunks decoded ahead."""
+    pending: deque[tuple[int, Future[list[Prepared]]]] = deque()
+    max_pending = max(1, workers) * IN_FLIGHT_PER_WORKER
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode")
+    try:
+        for start in range(0, len(paths), DECODE_CHUNK):
+            chunk = paths[start : start + DECODE_CHUNK]
+            fut = pool.submit(_prepare_chunk, chunk, index_offset + start, preprocess, debug_dir)
+            pending.append((start, fut))
+            if len(pending) >= max_pending:
+                first, fut = pending.popleft()
+                yield from zip(paths[first : first + DECODE_CHUNK], fut.result(), strict=True)
+        while pending:
+            first, fut = pending.popleft()
+            yield from zip(paths[first : first + DECODE_CHUNK], fut.result(), strict=True)
+    finally:
+        # on Ctrl-C or an error downstream: drop queued chunks, let running ones finish
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --------------------------------------------------------------------------- inference
+
+
+_threads_lock = threading.Lock()
+_threads_users = 0
+_threads_before = (0, 0)  # torch, OpenCV thread counts to restore when the last user leaves
+
+
+@contextlib.contextmanager
+def _compute_threads() -> Iterator[None]:
+    """One intra-op thread for torch and OpenCV while predicting.
+
+    Parallelism comes from the decode pool overlapping with inference; for this
+    small CNN, torch's own threads are slower than one (measured on 2 cores at
+    batch 64: 2 threads 1.4k img/s, 1 thread 5k img/s). The settings are
+    process-wide, so concurrent chunks (flow tasks in threads) share one
+    reference-counted setting.
+    """
+    global _threads_users, _threads_before
+    with _threads_lock:
+        if _threads_users == 0:
+            _threads_before = (torch.get_num_threads(), set_opencv_threads(1))
+            torch.set_num_threads(1)
+        _threads_users += 1
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            _threads_users -= 1
+            if _threads_users == 0:
+                torch.set_num_threads(_threads_before[0])
+                set_opencv_threads(_threads_before[1])
+
+
+@dataclass
+class Classifier:
+    """A model file's network, ready for fast CPU inference, with its normalization."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]  # (B, 1, 28, 28) float32 -> (B, C) logits
+    mean: float
+    std: float
+    classes: list[str]
+
+    @classmethod
+    def from_file(cls, path: Path | str) -> Classifier:
+        """Load (safely: ModelFileError for anything not ours) and freeze for inference."""
+        loaded = load_model(Path(path))
+        example = torch.zeros(INFER_SLICE, 1, 28, 28)
+        return cls(_frozen(loaded.model, example), loaded.mean, loaded.std, loaded.classes)
+
+    def probabilities(self, images: list[np.ndarray]) -> np.ndarray:
+        """(B, 28, 28) uint8 images -> (B, C) float64 softmax probabilities."""
+        x = normalize_uint8(torch.from_numpy(np.stack(images)), self.mean, self.std)
+        with torch.inference_mode():
+            # slices of 64 keep the first conv's activations (64x64x26x26 floats, 11 MB)
+            # in cache: 2.9x faster than 256 at once, and the outputs are identical
+            logits = torch.cat(
+                [self.forward(x[i : i + INFER_SLICE]) for i in range(0, len(x), INFER_SLICE)]
+            )
+        return torch.softmax(logits.double(), dim=1).numpy()
+
+
+def _frozen(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The eval-mode network traced and frozen: conv+ReLU fused, weights pre-packed for oneDNN.
+
+    Measured on this 2-core CPU, batch 64, seed CNN: 11k img/s vs 4.8k eager, same
+    outputs bit for bit; 60 ms to build. torch.jit is deprecated in favour of
+    torch.compile, whose compile time here would be longer than a whole run.
+    """
+    # only the deprecation notices, see above; a filter rather than catch_warnings(),
+    # which is not thread-safe (chunk tasks build classifiers in parallel threads)
+    warnings.filterwarnings("ignore", message=JIT_DEPRECATION, category=FutureWarning)
+    with torch.inference_mode():
+        traced = torch.jit.trace(model, example, check_trace=False)
+        return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+
+
+def iter_predictions(
+    paths: Sequence[str],
+    classifier: Classifier,
+    batch_size: int,
+    workers: int,
+    preprocess: bool = True,
+    debug_dir: Path | None = None,
+    index_offset: int = 0,
+) -> Iterator[Row]:
+    """One Row per path, in order. Holds at most ``batch_size`` prepared images at a time.
+
+    ``index_offset`` is the position of ``paths[0]`` in the whole input (debug file names).
+    """
+    held: list[tuple[str, Prepared]] = []  # rows waiting for their batch, in order
+    n_images = 0
+
+    def flush() -> Iterator[Row]:
+        images = [p.image for _, p in held if p.image is not None]
+        probs = iter(classifier.probabilities(images)) if images else iter(())
+        for path, prep in held:
+            if prep.image is None:
+                yield Row(path, prep.status, prep.message)
+                continue
+            p = next(probs)
+            k = int(np.argmax(p))
+            yield Row(
+                path, "ok", "", classifier.classes[k], float(p[k]),
+                [round(float(v), PROB_DECIMALS) for v in p],
+            )  # fmt: skip
+
+    for item in _prepared_stream(paths, workers, preprocess, debug_dir, index_offset):
+        held.append(item)
+        n_images += item[1].image is not None
+        # a full batch, or many rows without images (a folder of broken files) waiting
+        if n_images >= batch_size or len(held) >= HELD_ROWS_PER_IMAGE * batch_size:
+            yield from flush()
+            held, n_images = [], 0
+    if held:
+        yield from flush()
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _label_json(label: str | None) -> int | str | None:
+    return int(label) if label is not None and label.isdigit() else label
+
+
+def columns(n_classes: int = N_CLASSES) -> list[str]:
+    """The output schema: path, label, confidence, p0..p{n-1}, status, message."""
+    probs = [f"p{i}" for i in range(n_classes)]
+    return ["path", "label", "confidence", *probs, "status", "message"]
+
+
+class RowWriter:
+    """Writes rows as CSV (header + one line each) or JSON Lines to an open text file."""
+
+    def __init__(self, fh: IO[str], fmt: str, n_classes: int = N_CLASSES) -> None:
+        if fmt not in FORMATS:
+            raise PredictUsageError(f"unknown output format {fmt!r} (use one of {FORMATS})")
+        self.fh, self.fmt, self.n_classes = fh, fmt, n_classes
+        self.columns = columns(n_classes)
+        self._csv = csv.writer(fh, lineterminator="\n") if fmt == "csv" else None
+        if self._csv is not None:
+            self._csv.writerow(self.columns)
+
+    def write(self, row: Row) -> None:
+        ok = row.probs is not None
+        conf = round(row.confidence, PROB_DECIMALS) if row.confidence is not None else None
+        if self._csv is not None:
+            probs = [f"{p:.{PROB_DECIMALS}f}" for p in row.probs] if ok else [""] * self.n_classes
+            conf_s = f"{conf:.{PROB_DECIMALS}f}" if conf is not None else ""
+            self._csv.writerow([row.path, row.label or "", conf_s, *probs, row.status, row.message])
+        else:
+            record: dict[str, Any] = {
+                "path": row.path, "label": _label_json(row.label), "confidence": conf,
+            }  # fmt: skip
+            record.update({f"p{i}": (row.probs[i] if ok else None) for i in range(self.n_classes)})
+            record.update(status=row.status, message=row.message)
+            self.fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+@contextlib.contextmanager
+def open_output(out_path: Path, fmt: str, n_classes: int = N_CLASSES) -> Iterator[RowWriter]:
+    """A RowWriter on a temp file next to ``out_path``, renamed over it when the block succeeds.
+
+    UTF-8; file names with undecodable bytes are written with backslash escapes.
+    """
+    with atomic_open(out_path, "w", encoding="utf-8", errors="backslashreplace", newline="") as fh:
+        yield RowWriter(fh, fmt, n_classes)
+
+
+def _progress_bar(total: int, enabled: bool | None) -> Any:
+    """A tqdm bar on a terminal (stderr), nothing otherwise: logs stay clean in DVC/CI."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="predict", dynamic_ncols=True, leave=False)
+
+
+def check_options(out_path: Path, fmt: str, batch_size: int, workers: int) -> None:
+    """Raise PredictUsageError for options that cannot work, before any work is done."""
+    if fmt not in FORMATS:
+        raise PredictUsageError(f"unknown output format {fmt!r} (use one of {FORMATS})")
+    if batch_size < 1:
+        raise PredictUsageError(f"batch size must be >= 1, got {batch_size}")
+    if workers < 1:
+        raise PredictUsageError(f"workers must be >= 1, got {workers}")
+    if Path(out_path).is_dir():
+        raise PredictUsageError(f"output path {out_path} is a folder")
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def predict_paths(
+    inputs: Sequence[Path | str],
+    model_path: Path,
+    out_path: Path,
+    fmt: str = "csv",
+    batch_size: int = 256,
+    workers: int = 2,
+    preprocess: bool = True,
+    debug_dir: Path | None = None,
+    progress: bool | None = None,
+) -> PredictSummary:
+    """Classify every image under ``inputs`` into ``out_path`` (CSV or JSONL), atomically.
+
+    Raises PredictUsageError when there is nothing to do and ModelFileError when
+    ``model_path`` is not a digitflow model. Bad input files never raise: each gets
+    a row with status "error" or "empty" and a message.
+    """
+    t0 = time.perf_counter()
+    out_path = Path(out_path)
+    check_options(out_path, fmt, batch_size, workers)
+    paths = expand_inputs(inputs, exclude=[out_path])
+    if not paths:
+        raise PredictUsageError("no input files (the folders are empty or hold only hidden files)")
+    classifier = Classifier.from_file(model_path)  # ModelFileError: refused, nothing run
+    if debug_dir is not None:
+        Path(debug_dir).mkdir(parents=True, exist_ok=True)
+    summary = PredictSummary(out_path=out_path)
+    bar = _progress_bar(len(paths), progress)
+    try:
+        with _compute_threads(), open_output(out_path, fmt, len(classifier.classes)) as writer:
+            debug = None if debug_dir is None else Path(debug_dir)
+            rows = iter_predictions(paths, classifier, batch_size, workers, preprocess, debug)
+            for row in rows:
+                writer.write(row)
+                summary.count(row)
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def predict_chunk(
+    paths: Sequence[str],
+    model_path: Path | str,
+    batch_size: int,
+    workers: int,
+    preprocess: bool = True,
+    debug_dir: Path | str | None = None,
+    index_offset: int = 0,
+) -> list[Row]:
+    """Rows for one chunk of already expanded paths (the unit of work of the batch flow).
+
+    ``index_offset`` is the chunk's position in the whole input (debug file names).
+    """
+    classifier = Classifier.from_file(model_path)
+    if debug_dir is not None:
+        Path(debug_dir).mkdir(parents=True, exist_ok=True)
+    debug = None if debug_dir is None else Path(debug_dir)
+    with _compute_threads():
+        return list(
+            iter_predictions(
+                paths, classifier, batch_size, workers, preprocess, debug, index_offset
+            )
+        )
+
+
+def chunked(items: Sequence[str], size: int) -> list[Sequence[str]]:
+    """``items`` in consecutive slices of ``size`` (the last may be shorter)."""
+    return [items[i : i + size] for i in range(0, len(items), max(1, size))]

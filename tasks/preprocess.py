@@ -1,0 +1,668 @@
+"""The one image preprocessing: any image file -> the 28x28 input MNIST digits look like.
+
+MNIST was made by fitting each digit's ink into a 20x20 box (aspect ratio kept,
+anti-aliased) and pasting it into 28x28 so that its centre of mass sits at the
+centre, white ink on black. Photos of digits are dark ink on light paper, anywhere
+in the frame, at any size, with noise, shading and ruled lines; resizing the
+whole photo to 28x28 (the seed's way) gives the network something it never saw.
+
+Pipeline (``to_mnist``): grayscale (alpha composited onto white) -> polarity
+(ink made bright) -> flatten the background and denoise -> Otsu threshold ->
+drop ruled lines, frame borders and specks -> the main ink components -> crop
+to their box -> longer side to 20 px -> pad to 28x28 centred on the centre of
+mass. 28x28 inputs that already look like MNIST pass through untouched.
+
+Decoding is memory-bounded (``load_gray``): the header gives the dimensions
+before anything is decoded; JPEGs too large are downscaled while decoding
+(libjpeg DCT scaling, cv2.IMREAD_REDUCED_*), other formats are refused.
+
+Every function here is pure numpy/cv2 and safe to call from several threads.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+MNIST_SIZE = 28  # the network's input side
+MNIST_BOX = 20  # MNIST fitted each digit's ink into a 20x20 box ...
+MNIST_COM = 14.0  # ... and put its centre of mass here (measured: 13.99, 14.00 on the test set)
+
+# Decoding limits, per image. A worker holds at most one decoded image at a time.
+MAX_FILE_BYTES = 256 * 2**20  # a bigger file is not a digit photo; refuse before reading it
+MAX_PIXELS = 40_000_000  # 40 MP: a 16-bit RGBA image this size is 320 MB decoded
+# Images are area-downscaled to this longer side before preprocessing: a digit a tenth
+# of a 4:3 frame's height still spans 24 px (MNIST's box is 20), and 640x480 costs 4x less.
+WORK_MAX_SIDE = 320
+HEADER_BYTES = 1 << 16  # JPEG SOF markers come after EXIF (<= 64 KB); enough for all headers
+
+# Preprocessing thresholds, as fractions of the (working) image so they hold at any resolution.
+MIN_CONTRAST = 40  # grey levels between ink and paper below which there is no ink
+FAINT_INK = MIN_CONTRAST // 2  # above the flattened, blurred paper's noise: faint ink or lines
+SPECK_FRACTION = 0.05  # components smaller than this share of the main one are specks
+SPECK_MIN_AREA = 4  # ... and never count anything smaller than 2x2 px as ink
+MIN_INK_SIDE = 0.03  # the digit's box must span >= 3% of the image's longer side
+LINE_LENGTH = 0.5  # ruled lines / frame edges run over >= half the image width (height)
+LINE_MAX_THICKNESS = 3  # cells (of 4x4 px) a line may be thick; thicker runs are strokes
+LINE_MIN_IMAGE = 100  # no line search in small crops: a "7" bar could span half of them
+LINE_TILTS = (-2, -1, 0, 1, 2)  # degrees: photographed ruled lines are rarely level
+LINE_CELL_INK = 2  # ink pixels (of 16) that make a cell ink at the line-search scale
+LINE_SCALE = 4  # line search runs on a 1/4 size mask: 16x fewer pixels, 4x shorter kernels
+BACKGROUND_SIDE = 64  # shading is estimated on a 64 px thumbnail (it varies slowly) ...
+MIN_PAPER_SHARE = 0.2  # ... from its paper pixels, when they are at least a fifth of it
+BLUR_PER_PX = 1 / 400  # denoising sigma per pixel of the longer side (0.8 px at 320)
+NEAR_MNIST_INK = 64  # a 28x28 input is MNIST-like when its ink (>= 64) box is ...
+NEAR_MNIST_SIDES = (17, 21)  # ... 17-21 px on the longer side (20 in 99.9% of MNIST) ...
+NEAR_MNIST_COM = 1.0  # ... and its centre of mass within 1 px of the centre
+
+
+# grayscale decode at 1/factor scale (libjpeg DCT scaling, only JPEG supports it natively)
+_JPEG_FLAGS = {
+    1: cv2.IMREAD_GRAYSCALE,
+    2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
+    4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+    8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
+}
+
+
+class ImageError(Exception):
+    """A file that cannot be turned into an image; the message goes into the output row."""
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    format: str  # "png", "jpeg", ...
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One input's network image, or why there is none."""
+
+    image: np.ndarray | None  # (28, 28) uint8, white ink on black; None unless status "ok"
+    status: str  # "ok" | "empty" | "error"
+    message: str  # "" when ok
+
+
+# --------------------------------------------------------------------------- header parsing
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the first SOFn marker; None when there is none in ``data``."""
+    i = 2
+    n = len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            i += 2
+            continue
+        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
+        # SOF0-3, 5-7, 9-11, 13-15 (C4 DHT, C8 JPG, CC DAC are not frame headers)
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if i + 9 > n:
+                return None
+            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
+            return width, height
+        if marker == 0xDA:  # start of scan before any frame header: broken
+            return None
+        i += 2 + length
+    return None
+
+
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of the first image directory of a classic TIFF."""
+    endian = "<" if data[:2] == b"II" else ">"
+    (ifd,) = struct.unpack(endian + "I", data[4:8])
+    if ifd + 2 > len(data):
+        return None
+    (count,) = struct.unpack(endian + "H", data[ifd : ifd + 2])
+    size: dict[int, int] = {}
+    for k in range(count):
+        off = ifd + 2 + 12 * k
+        if off + 12 > len(data):
+            break
+        tag, typ = struct.unpack(endian + "HH", data[off : off + 4])
+        if tag in (256, 257):  # ImageWidth, ImageLength: SHORT (3) or LONG (4)
+            fmt = "H" if typ == 3 else "I"
+            value = data[off + 8 : off + 8 + struct.calcsize(fmt)]
+            (size[tag],) = struct.unpack(endian + fmt, value)
+    if 256 in size and 257 in size:
+        return size[256], size[257]
+    return None
+
+
+def _pnm_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a PBM/PGM/PPM: whitespace-separated tokens, '#' comments."""
+    tokens: list[bytes] = []
+    for line in data[2:256].splitlines():
+        tokens += line.split(b"#", 1)[0].split()
+        if len(tokens) >= 2:
+            break
+    if len(tokens) >= 2 and tokens[0].isdigit() and tokens[1].isdigit():
+        return int(tokens[0]), int(tokens[1])
+    return None
+
+
+def read_header(data: bytes) -> ImageHeader | None:
+    """Format and dimensions from the first bytes of a file, without decoding it.
+
+    Covers PNG, JPEG, BMP, GIF, WebP, TIFF, PNM and Sun raster; None for anything
+    else (OpenCV may still decode it: EXR, HDR, JPEG 2000, PFM, AVIF).
+    """
+    try:
+        if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+            w, h = struct.unpack(">II", data[16:24])
+            return ImageHeader("png", w, h)
+        if data[:2] == b"\xff\xd8":
+            size = _jpeg_size(data)
+            return ImageHeader("jpeg", *size) if size else None
+        if data[:2] == b"BM":
+            (dib,) = struct.unpack("<I", data[14:18])
+            if dib == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
+                w, h = struct.unpack("<HH", data[18:22])
+            else:
+                w, h = struct.unpack("<ii", data[18:26])
+            return ImageHeader("bmp", abs(w), abs(h))  # negative height = top-down rows
+        if data[:6] in (b"GIF87a", b"GIF89a"):
+            w, h = struct.unpack("<HH", data[6:10])
+            return ImageHeader("gif", w, h)
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            chunk = data[12:16]
+            if chunk == b"VP8 ":
+                w, h = struct.unpack("<HH", data[26:30])
+                return ImageHeader("webp", w & 0x3FFF, h & 0x3FFF)
+            if chunk == b"VP8L":
+                bits = int.from_bytes(data[21:25], "little")
+                return ImageHeader("webp", (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
+            if chunk == b"VP8X":
+                w = int.from_bytes(data[24:27], "little") + 1
+                h = int.from_bytes(data[27:30], "little") + 1
+                return ImageHeader("webp", w, h)
+            return None
+        if data[:4] in (b"II*\x00", b"MM\x00*"):
+            size = _tiff_size(data)
+            return ImageHeader("tiff", *size) if size else None
+        if data[:1] == b"P" and data[1:2] in b"123456" and data[1:2] != b"":
+            size = _pnm_size(data)
+            return ImageHeader("pnm", *size) if size else None
+        if data[:4] == b"\x59\xa6\x6a\x95":
+            w, h = struct.unpack(">II", data[4:12])
+            return ImageHeader("sunraster", w, h)
+    except struct.error:  # header cut short: the decoder will report the file as truncated
+        return None
+    return None
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _jpeg_complete(data: bytes) -> bool:
+    """A JPEG ends with an EOI marker after its scan data (0xFF is byte-stuffed inside it)."""
+    sos = data.find(b"\xff\xda")
+    return sos >= 0 and data.find(b"\xff\xd9", sos) >= 0
+
+
+def _to_gray_u8(img: np.ndarray) -> np.ndarray:
+    """Any decoded array (H, W) / (H, W, 2|3|4), uint8/16 or float -> (H, W) uint8.
+
+    Alpha is composited onto white: transparent pixels are paper, not ink.
+    """
+    if img.dtype == np.uint8:
+        scale = 255.0
+    elif img.dtype == np.uint16:
+        scale = 65535.0
+    elif img.dtype in (np.float32, np.float64):
+        scale = 1.0  # EXR/HDR/PFM/float TIFF: 0..1 is black..white, brighter is clipped
+    else:
+        raise ImageError(f"unsupported pixel type {img.dtype}")
+    if img.ndim == 2:
+        channels = 1
+    elif img.ndim == 3 and img.shape[2] in (1, 2, 3, 4):
+        channels = img.shape[2]
+    else:
+        raise ImageError(f"unsupported image layout {img.shape}")
+
+    if channels in (1, 3) and img.dtype == np.uint8:
+        return img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+    f = img.astype(np.float32) * (1.0 / scale)  # (H, W[, C]) in 0..1
+    if channels == 1:
+        gray = f if f.ndim == 2 else f[:, :, 0]
+    elif channels == 2:  # gray + alpha
+        gray = f[:, :, 0] * f[:, :, 1] + (1.0 - f[:, :, 1])
+    elif channels == 3:
+        gray = cv2.cvtColor(f, cv2.COLOR_BGR2GRAY)
+    else:  # BGRA
+        alpha = f[:, :, 3]
+        gray = cv2.cvtColor(np.ascontiguousarray(f[:, :, :3]), cv2.COLOR_BGR2GRAY)
+        gray = gray * alpha + (1.0 - alpha)
+    return np.clip(gray * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _scale_area(img: np.ndarray, s: float) -> np.ndarray:
+    """Area-average downscale by factor ``s`` < 1 (each side at least 1 px)."""
+    h, w = img.shape[:2]
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+
+
+def _shrink(img: np.ndarray, max_side: int) -> np.ndarray:
+    """Area-downscale so the longer side is <= max_side (bounds all later work)."""
+    longest = max(img.shape[:2])
+    return img if longest <= max_side else _scale_area(img, max_side / longest)
+
+
+def load_gray(
+    path: Path | str, max_pixels: int = MAX_PIXELS, max_side: int = WORK_MAX_SIDE
+) -> np.ndarray:
+    """Decode an image file into (H, W) uint8 grayscale, H and W <= ``max_side``.
+
+    Memory stays bounded: the dimensions are read from the header first; a JPEG
+    with more than ``max_pixels`` is decoded at 1/2, 1/4 or 1/8 scale, anything
+    else that large is refused. Raises ImageError with a message for the output row.
+    """
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError as exc:
+        raise ImageError("no such file") from exc
+    except OSError as exc:  # permission denied on a parent folder, name too long, ...
+        raise ImageError(f"cannot access: {exc.strerror}") from exc
+    if stat.S_ISDIR(st.st_mode):
+        if not os.access(path, os.R_OK | os.X_OK):  # a folder the walk could not enter
+            raise ImageError("folder cannot be read (permission denied)")
+        raise ImageError("is a folder, not an image file")
+    if not stat.S_ISREG(st.st_mode):  # FIFOs and devices would block or never end
+        raise ImageError("not a regular file")
+    if st.st_size == 0:
+        raise ImageError("empty file (0 bytes)")
+    if st.st_size > MAX_FILE_BYTES:
+        raise ImageError(
+            f"file too large ({st.st_size / 2**20:.0f} MiB > {MAX_FILE_BYTES / 2**20:.0f} MiB)"
+        )
+    try:
+        # bytes + imdecode rather than imread: works for any file name, one read, no seeks
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageError(f"cannot read: {exc.strerror or exc}") from exc
+
+    header = read_header(data[:HEADER_BYTES])
+    flags = cv2.IMREAD_UNCHANGED  # keeps alpha (composited later) and 16 bits
+    if header is not None:
+        pixels = header.width * header.height
+        if pixels == 0:
+            raise ImageError(f"{header.format} header says {header.width}x{header.height} pixels")
+        if header.format == "jpeg":
+            if not _jpeg_complete(data):
+                raise ImageError("truncated JPEG (no end-of-image marker)")
+            # grayscale at the smallest DCT scale that fits: decoding allocates only the
+            # reduced image, so a 20000x20000 JPEG costs 6 MB, not 400; and no point in
+            # decoding more than the max_side we keep
+            factor = 1
+            while factor < 8 and (
+                pixels / factor**2 > max_pixels
+                or max(header.width, header.height) / (2 * factor) >= max_side
+            ):
+                factor *= 2
+            if pixels / factor**2 > max_pixels:
+                raise ImageError(
+                    f"image too large: {header.width}x{header.height} "
+                    f"({pixels / 1e6:.0f} MP, over {max_pixels / 1e6:.0f} MP even at 1/8 scale)"
+                )
+            flags = _JPEG_FLAGS[factor]
+        elif pixels > max_pixels:
+            raise ImageError(
+                f"image too large: {header.width}x{header.height} ({pixels / 1e6:.0f} MP > "
+                f"{max_pixels / 1e6:.0f} MP limit); downscale it or save it as JPEG"
+            )
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error as exc:
+        raise ImageError(f"cannot decode: {str(exc).strip().splitlines()[-1]}") from exc
+    del data
+    if img is None:
+        kind = f"corrupt or truncated {header.format.upper()}" if header else "not an image"
+        raise ImageError(f"{kind} (OpenCV cannot decode it)")
+    if img.size == 0:
+        raise ImageError("image has no pixels")
+    if img.shape[0] * img.shape[1] > max_pixels:  # formats without a header parser
+        raise ImageError(f"image too large: {img.shape[1]}x{img.shape[0]}")
+    return _to_gray_u8(_shrink(img, max_side))
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def _box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1) bounding box of the nonzero pixels, None when there are none."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def _center_of_mass(img: np.ndarray) -> tuple[float, float]:
+    """Intensity-weighted (row, col) centre of a 2-D image (its middle when all zero)."""
+    total = float(img.sum())
+    if total == 0:
+        return (img.shape[0] - 1) / 2, (img.shape[1] - 1) / 2
+    rows = img.sum(axis=1, dtype=np.float64)
+    cols = img.sum(axis=0, dtype=np.float64)
+    return (
+        float(rows @ np.arange(img.shape[0])) / total,
+        float(cols @ np.arange(img.shape[1])) / total,
+    )
+
+
+def is_near_mnist(img: np.ndarray) -> bool:
+    """A 28x28 white-on-black image whose ink already fills a 20 px box at the centre."""
+    if img.shape != (MNIST_SIZE, MNIST_SIZE):
+        return False
+    box = _box(img >= NEAR_MNIST_INK)
+    if box is None:
+        return False
+    side = max(box[1] - box[0], box[3] - box[2])
+    cy, cx = _center_of_mass(img)
+    lo, hi = NEAR_MNIST_SIDES
+    return lo <= side <= hi and max(abs(cy - MNIST_COM), abs(cx - MNIST_COM)) <= NEAR_MNIST_COM
+
+
+def _histogram(img: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """256-bin histogram (float64) of a uint8 image, optionally of the pixels under ``mask``."""
+    m = None if mask is None else mask.view(np.uint8)
+    return cv2.calcHist([img], [0], m, [256], [0, 256]).ravel().astype(np.float64)
+
+
+def _percentiles(hist: np.ndarray, *qs: float) -> list[int]:
+    """The grey levels below which ``q`` percent of the histogram's pixels lie, for each q."""
+    cum = np.cumsum(hist)
+    return [int(v) for v in np.searchsorted(cum, cum[-1] * np.asarray(qs) / 100.0)]
+
+
+def _otsu(hist: np.ndarray) -> int:
+    """Otsu's threshold of a histogram: pixels > t are one class, <= t the other."""
+    levels = np.arange(256, dtype=np.float64)
+    w0 = np.cumsum(hist)
+    m0 = np.cumsum(hist * levels)
+    total, mean_total = w0[-1], m0[-1]
+    w1 = total - w0
+    with np.errstate(divide="ignore", invalid="ignore"):  # empty classes give 0/0: no split
+        between = (mean_total * w0 - m0 * total) ** 2 / (w0 * w1)
+    return int(np.argmax(np.nan_to_num(between[:-1], nan=0.0, posinf=0.0)))
+
+
+def _ink_is_dark(gray: np.ndarray) -> bool:
+    """Paper is most of the picture: ink is dark when the median is on the bright side."""
+    lo, med, hi = _percentiles(_histogram(gray), 1, 50, 99)
+    return med > (lo + hi) / 2
+
+
+def _flatten_background(ink: np.ndarray) -> np.ndarray:
+    """Subtract the slowly varying paper level (shading, vignetting) from a bright-ink image.
+
+    The paper level is a quadratic surface fitted to the paper pixels of a small
+    thumbnail (those on the dark side of its Otsu threshold), so the ink, however
+    big the digit, does not leak into it.
+    """
+    h, w = ink.shape
+    s = BACKGROUND_SIDE / max(h, w)
+    thumb = _scale_area(ink, s) if s < 1 else ink  # (th, tw), longer side <= 64
+    paper = thumb <= _otsu(_histogram(thumb))
+    if s >= 1 or paper.mean() < MIN_PAPER_SHARE:  # small or flat: one paper level
+        (level,) = _percentiles(_histogram(ink), 50)
+        return cv2.subtract(ink, np.full_like(ink, level))
+    th, tw = thumb.shape
+    ys, xs = np.mgrid[:th, :tw].astype(np.float32)
+    ys, xs = ys / th - 0.5, xs / tw - 0.5
+    terms = np.stack([np.ones_like(xs), xs, ys, xs * xs, ys * ys, xs * ys], axis=-1)  # (th, tw, 6)
+    a, b = terms[paper], thumb[paper].astype(np.float32)
+    # normal equations: a 6x6 solve, 100x faster than lstsq's SVD here; the centred
+    # coordinates keep it well conditioned
+    coef = np.linalg.solve(a.T @ a, a.T @ b)
+    surface = np.clip(terms @ coef, 0, 255).astype(np.uint8)  # (th, tw)
+    return cv2.subtract(ink, cv2.resize(surface, (w, h), interpolation=cv2.INTER_LINEAR))
+
+
+@functools.lru_cache(maxsize=64)
+def _line_kernels(length: int, vertical: bool) -> tuple[np.ndarray, ...]:
+    """Straight-line structuring elements ``length`` cells long, one per tilt in LINE_TILTS."""
+    kernels = []
+    for deg in LINE_TILTS:
+        rise = round((length - 1) * math.tan(math.radians(abs(deg))))
+        k = np.zeros((rise + 1, length), np.uint8)
+        y0, y1 = (0, rise) if deg >= 0 else (rise, 0)
+        cv2.line(k, (0, y0), (length - 1, y1), 1, 1)
+        kernels.append(np.ascontiguousarray(k.T) if vertical else k)
+    return tuple(kernels)
+
+
+def _line_mask(faint: np.ndarray) -> np.ndarray | None:
+    """Pixels of long thin straight lines (ruled lines, frame edges) in a bool ink mask.
+
+    Found at 1/4 scale: openings with line kernels half the image long (a few
+    tilts) keep only straight runs that long; where such a run is thicker than a
+    line, it is a stroke of a big digit (a "1") and stays. At full size, only ink
+    that does not run on across the line is line: where a stroke crosses a line,
+    the stroke is kept whole, so the digit is not cut.
+    """
+    h, w = faint.shape
+    if min(h, w) < LINE_MIN_IMAGE:
+        return None
+    f8 = faint.view(np.uint8)
+    # a cell is ink when >= 2 of its 4x4 pixels are: a 1 px line (4 px per cell) survives
+    # the downscale, a lone noise pixel does not. Area averaging of 0/255 = 255 * share.
+    sh, sw = h // LINE_SCALE, w // LINE_SCALE
+    share = cv2.resize(
+        f8[: sh * LINE_SCALE, : sw * LINE_SCALE] * np.uint8(255), (sw, sh),
+        interpolation=cv2.INTER_AREA,
+    )  # fmt: skip
+    small = (share >= 255 * LINE_CELL_INK // LINE_SCALE**2).view(np.uint8)
+    thickest = LINE_SCALE * LINE_MAX_THICKNESS  # px at full size
+    found = np.zeros((h, w), bool)
+    for vertical, across_cells, across in (
+        (False, (LINE_MAX_THICKNESS + 1, 1), (thickest + 1, 1)),  # horizontal lines
+        (True, (1, LINE_MAX_THICKNESS + 1), (1, thickest + 1)),  # vertical lines
+    ):
+        length = max(2, int((sh if vertical else sw) * LINE_LENGTH))
+        runs = np.zeros_like(small)
+        for k in _line_kernels(length, vertical):
+            runs |= cv2.morphologyEx(small, cv2.MORPH_OPEN, k)
+        # runs thicker than a line (across it) are strokes of a big digit, e.g. a "1"
+        thick = cv2.morphologyEx(runs, cv2.MORPH_OPEN, np.ones(across_cells, np.uint8))
+        line_cells = runs & ~thick
+        if not line_cells.any():
+            continue
+        cells = cv2.dilate(line_cells, np.ones((3, 3), np.uint8))
+        zone = np.zeros((h, w), np.uint8)  # cells back to pixels (the ragged edge has none)
+        zone[: sh * LINE_SCALE, : sw * LINE_SCALE] = cv2.resize(
+            cells, (sw * LINE_SCALE, sh * LINE_SCALE), interpolation=cv2.INTER_NEAREST
+        )
+        # ink running across the line further than a line is thick belongs to a stroke
+        crossing = cv2.morphologyEx(f8, cv2.MORPH_OPEN, np.ones(across, np.uint8)).view(bool)
+        found |= zone.view(bool) & faint & ~crossing
+    return found if found.any() else None
+
+
+def _digit_components(mask: np.ndarray) -> tuple[tuple[int, int, int, int], np.ndarray] | None:
+    """The digit's ink: the biggest component plus the sizeable ones near it.
+
+    Returns its box (y0, y1, x0, x1) and the bool mask of its ink inside the box.
+
+    Specks are dropped by size, frame shadows because they touch the image edge
+    and span half of it (unless nothing else is there). None when nothing
+    ink-like is left.
+    """
+    h, w = mask.shape
+    # 16-bit labels are twice as fast; an image has at most ~h*w/4 8-connected components
+    ltype = cv2.CV_16U if h * w // 4 < 2**16 else cv2.CV_32S
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(
+        mask.view(np.uint8), connectivity=8, ltype=ltype
+    )
+    if n <= 1:
+        return None
+    x, y = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
+    bw, bh = stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]
+    area = stats[:, cv2.CC_STAT_AREA].astype(np.int64)
+    area[0] = 0  # label 0 is the background
+    area[area < SPECK_MIN_AREA] = 0
+    big = (area >= SPECK_FRACTION * area.max()) & (np.maximum(bw, bh) >= MIN_INK_SIDE * max(h, w))
+    if not big.any():
+        return None
+    # an edge shadow or photographed frame touches the border and spans half of it; a
+    # digit may too (a tight crop), so it is only passed over for one clear of the edges
+    touches = (x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)
+    frame = touches & ((bw >= w * LINE_LENGTH) | (bh >= h * LINE_LENGTH))
+    inner = big & ~frame
+    main = int(np.argmax(np.where(inner if inner.any() else big, area, 0)))
+    area[frame & (np.arange(n) != main)] = 0
+    # grow the digit's box by sizeable pieces near it (a broken stroke, the bar of a 5)
+    pieces = [int(i) for i in np.argsort(-area) if area[i] >= SPECK_FRACTION * area[main]]
+    y0, y1, x0, x1 = y[main], y[main] + bh[main], x[main], x[main] + bw[main]
+    keep = np.zeros(n, bool)
+    keep[main] = True
+    grown = True
+    while grown:
+        grown = False
+        margin = max(y1 - y0, x1 - x0) // 4
+        for i in pieces:
+            near = (
+                x[i] < x1 + margin and x[i] + bw[i] > x0 - margin
+                and y[i] < y1 + margin and y[i] + bh[i] > y0 - margin
+            )  # fmt: skip
+            if not keep[i] and near:
+                keep[i] = grown = True
+                y0, y1 = min(y0, y[i]), max(y1, y[i] + bh[i])
+                x0, x1 = min(x0, x[i]), max(x1, x[i] + bw[i])
+    box = (int(y0), int(y1), int(x0), int(x1))
+    return box, keep[labels[y0:y1, x0:x1]]
+
+
+def _fit_mnist(ink: np.ndarray) -> np.ndarray:
+    """A cropped float ink image (h, w) in 0..255 -> (28, 28) uint8, MNIST geometry.
+
+    Longer side to 20 px (area-averaged, so edges are anti-aliased like MNIST's),
+    then pasted so the centre of mass lands on pixel (14, 14).
+    """
+    h, w = ink.shape
+    s = MNIST_BOX / max(h, w)
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
+    small = cv2.resize(ink, (nw, nh), interpolation=interp)
+    cy, cx = _center_of_mass(small)
+    # integer shift (as MNIST did), kept inside the 28x28 field
+    oy = int(np.clip(round(MNIST_COM - cy), 0, MNIST_SIZE - nh))
+    ox = int(np.clip(round(MNIST_COM - cx), 0, MNIST_SIZE - nw))
+    out = np.zeros((MNIST_SIZE, MNIST_SIZE), np.float32)
+    out[oy : oy + nh, ox : ox + nw] = small
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def to_mnist(gray: np.ndarray) -> np.ndarray | None:
+    """(H, W) uint8 grayscale of any polarity -> (28, 28) uint8 MNIST-style, or None if blank."""
+    ink = cv2.bitwise_not(gray) if _ink_is_dark(gray) else gray  # ink bright from here on
+    if is_near_mnist(ink):
+        return ink  # already normalized: re-rendering would only blur it
+    ink = _flatten_background(ink)  # paper ~0
+    sigma = max(ink.shape) * BLUR_PER_PX
+    if sigma >= 0.5:  # below half a pixel a blur does nothing useful
+        ink = cv2.GaussianBlur(ink, (0, 0), sigma)
+
+    faint = ink >= FAINT_INK  # everything darker than the paper, lines included
+    lines = _line_mask(faint)
+    hist = _histogram(ink, None if lines is None else ~lines)  # lines must not sway Otsu
+    t = _otsu(hist)
+    paper, fg = hist[: t + 1], hist[t + 1 :]
+    if paper.sum() == 0 or fg.sum() == 0:  # one flat level: nothing to find
+        return None
+    paper_level = float(paper @ np.arange(t + 1)) / paper.sum()
+    ink_level = t + 1 + _percentiles(fg, 50)[0]  # the typical stroke core
+    if ink_level - paper_level < MIN_CONTRAST:  # Otsu split noise from noise: blank page
+        return None
+    mask = ink > t
+    if lines is not None:
+        mask &= ~lines
+    digit = _digit_components(mask)
+    if digit is None:
+        return None
+    (y0, y1, x0, x1), core = digit  # the box of the ink itself, as MNIST's 20 px box
+    # one pixel of margin keeps the anti-aliased stroke edges that fell under the threshold
+    keep = cv2.dilate(core.view(np.uint8), np.ones((3, 3), np.uint8)).view(bool)
+    if lines is not None:
+        keep &= ~lines[y0:y1, x0:x1]
+    crop = ink[y0:y1, x0:x1].astype(np.float32)
+    crop = (crop - paper_level) * (255.0 / (ink_level - paper_level))  # paper 0, stroke 255
+    crop[~keep] = 0
+    return _fit_mnist(np.clip(crop, 0, 255))
+
+
+def naive_28(gray: np.ndarray) -> np.ndarray:
+    """The seed's preprocessing: the whole image area-resized to 28x28, nothing else."""
+    if gray.shape == (MNIST_SIZE, MNIST_SIZE):
+        return gray
+    return cv2.resize(gray, (MNIST_SIZE, MNIST_SIZE), interpolation=cv2.INTER_AREA)
+
+
+def prepare_file(
+    path: Path | str, preprocess: bool = True, max_pixels: int = MAX_PIXELS
+) -> Prepared:
+    """Decode + preprocess one file; never raises for bad input, the row says what went wrong.
+
+    ``preprocess=False`` is for images that are already MNIST-like: they are only
+    made grayscale and resized to 28x28.
+    """
+    try:
+        gray = load_gray(path, max_pixels=max_pixels)
+        img = to_mnist(gray) if preprocess else naive_28(gray)
+    except ImageError as exc:
+        return Prepared(None, "error", str(exc))
+    except cv2.error as exc:  # an OpenCV routine refused this input: report, don't abort
+        return Prepared(None, "error", f"OpenCV error: {str(exc).strip().splitlines()[-1]}")
+    except MemoryError:
+        return Prepared(None, "error", "out of memory while decoding")
+    if img is None:
+        return Prepared(None, "empty", "no ink found (blank image)")
+    return Prepared(img, "ok", "")
+
+
+def set_opencv_threads(n: int) -> int:
+    """Set OpenCV's internal thread count (callers parallelize across images); returns the old."""
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(n)
+    return before
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 image (for --debug-dir; written with Path.write_bytes)."""
+    ok, buf = cv2.imencode(".png", img)
+    if not ok:
+        raise ImageError("PNG encoding failed")
+    return buf.tobytes()
+
+
+__all__ = [
+    "ImageError",
+    "ImageHeader",
+    "Prepared",
+    "encode_png",
+    "is_near_mnist",
+    "load_gray",
+    "naive_28",
+    "prepare_file",
+    "read_header",
+    "set_opencv_threads",
+    "to_mnist",
+]

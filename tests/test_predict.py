@@ -1,0 +1,308 @@
+"""Batch prediction: output schema, bad inputs, exit codes, atomic output, model safety."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from flows import predict_cmd
+from tasks.model import ModelFileError, build_model, load_model, normalize_uint8, save_model
+from tasks.predict import Classifier, PredictUsageError, columns, expand_inputs, predict_paths
+from tasks.preprocess import naive_28, to_mnist
+from tests.test_preprocess import REFERENCES, _png_bytes, _png_header_only, big_glyph, photo
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def cli(*args: str | Path) -> typer.testing.Result:
+    """Invoke the predict command the way flows/cli.py registers it."""
+    app = typer.Typer()
+    app.command()(predict_cmd.predict)
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A valid (untrained, seeded) model file with a non-trivial normalization."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    return save_model(path, build_model("seed"), "seed", mean=0.13, std=0.31, params={})
+
+
+def write_png(path: Path, img: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_png_bytes(img))
+    return path
+
+
+@pytest.fixture
+def good_folder(tmp_path: Path) -> Path:
+    """Three readable digit images, one of them in a subfolder."""
+    folder = tmp_path / "good"
+    write_png(folder / "a.png", REFERENCES[1])
+    write_png(folder / "b.png", 255 - REFERENCES[2])  # dark on light
+    write_png(folder / "sub" / "c.png", photo(big_glyph(3), np.random.default_rng(0), (120, 160)))
+    return folder
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def test_csv_schema_and_probabilities(good_folder: Path, model_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pred.csv"
+    summary = predict_paths([good_folder], model_file, out, progress=False)
+    assert (summary.total, summary.ok, summary.failed) == (3, 3, 0)
+    with out.open(encoding="utf-8") as fh:
+        header = fh.readline().strip().split(",")
+    assert header == columns() == [
+        "path", "label", "confidence", *(f"p{i}" for i in range(10)), "status", "message",
+    ]  # fmt: skip
+    rows = read_csv(out)
+    assert [r["path"] for r in rows] == sorted(r["path"] for r in rows)
+    assert [Path(r["path"]).name for r in rows] == ["a.png", "b.png", "c.png"]
+    for r in rows:
+        probs = [float(r[f"p{i}"]) for i in range(10)]
+        assert abs(sum(probs) - 1) < 1e-4
+        assert r["label"] == str(int(np.argmax(probs)))
+        assert float(r["confidence"]) == pytest.approx(max(probs), abs=1e-6)
+        assert (r["status"], r["message"]) == ("ok", "")
+
+
+def test_probabilities_match_the_plain_model(model_file: Path, tmp_path: Path) -> None:
+    """The frozen fast path computes what the model file's network computes."""
+    images = [REFERENCES[d] for d in range(10)] * 10  # 100: more than one 64-image slice
+    loaded = load_model(model_file)
+    with torch.inference_mode():
+        x = normalize_uint8(torch.from_numpy(np.stack(images)), loaded.mean, loaded.std)
+        expected = torch.softmax(loaded.model(x).double(), dim=1).numpy()
+    got = Classifier.from_file(model_file).probabilities(images)
+    assert np.allclose(got, expected, atol=1e-6)
+
+
+def test_jsonl_output(good_folder: Path, model_file: Path, tmp_path: Path) -> None:
+    (good_folder / "broken.png").write_bytes(b"junk")
+    out = tmp_path / "pred.jsonl"
+    result = cli(good_folder, "--model", model_file, "--out", out, "--no-progress")
+    assert result.exit_code == 1
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [list(r) for r in records] == [columns()] * 4
+    ok = [r for r in records if r["status"] == "ok"]
+    assert len(ok) == 3 and all(isinstance(r["label"], int) for r in ok)
+    assert all(abs(sum(r[f"p{i}"] for i in range(10)) - 1) < 1e-4 for r in ok)
+    (bad,) = [r for r in records if r["status"] != "ok"]
+    assert bad["label"] is None and bad["p0"] is None and "not an image" in bad["message"]
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+def test_every_bad_input_gets_its_row(tmp_path: Path, model_file: Path) -> None:
+    d = tmp_path / "in"
+    write_png(d / "good.png", REFERENCES[7])
+    (d / "zero.png").write_bytes(b"")
+    (d / "text.jpg").write_text("not an image")
+    jpeg = cv2.imencode(".jpg", photo(big_glyph(4), np.random.default_rng(1), (120, 160)))[1]
+    (d / "cut.jpg").write_bytes(jpeg.tobytes()[: len(jpeg) // 3])
+    (d / "cut.png").write_bytes(_png_bytes(REFERENCES[5])[:-30])
+    (d / "folder.png").mkdir()
+    write_png(d / "ünïcødé_数字.png", REFERENCES[8])
+    write_png(d / "deep16.png", (255 - REFERENCES[9]).astype(np.uint16) * 257)
+    rgba = np.zeros((56, 56, 4), np.uint8)
+    rgba[..., 3] = cv2.resize(REFERENCES[6], (56, 56))
+    write_png(d / "alpha.png", rgba)
+    write_png(d / "blank.png", np.full((50, 50), 255, np.uint8))
+    (d / "huge.png").write_bytes(_png_header_only(20000, 20000))
+    write_png(d / ".hidden.png", REFERENCES[0])  # hidden files are skipped
+    out = tmp_path / "pred.csv"
+
+    summary = predict_paths([d, d / "missing.png"], model_file, out, progress=False)
+
+    rows = {Path(r["path"]).name: r for r in read_csv(out)}
+    expected = {
+        "good.png": ("ok", ""),
+        "zero.png": ("error", "empty file"),
+        "text.jpg": ("error", "not an image"),
+        "cut.jpg": ("error", "truncated JPEG"),
+        "cut.png": ("error", "truncated PNG"),
+        "folder.png": ("error", "is a folder"),
+        "ünïcødé_数字.png": ("ok", ""),
+        "deep16.png": ("ok", ""),
+        "alpha.png": ("ok", ""),
+        "blank.png": ("empty", "no ink"),
+        "huge.png": ("error", "too large: 20000x20000"),
+        "missing.png": ("error", "no such file"),
+    }
+    assert set(rows) == set(expected)
+    for name, (status, message) in expected.items():
+        assert rows[name]["status"] == status, name
+        assert message in rows[name]["message"], name
+    assert (summary.ok, summary.empty, summary.error) == (4, 1, 7)
+
+
+def test_inputs_expand_sorted_deduplicated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("b.png", "a.jpg", "sub/c.png", "sub/deeper/d.bmp", ".git/x.png"):
+        write_png(tmp_path / name, REFERENCES[0])
+    monkeypatch.chdir(tmp_path)
+    got = expand_inputs(["sub", "./sub/c.png", "*.png", "a.jpg", "nothing-*.png"])
+    assert got == ["a.jpg", "b.png", "nothing-*.png", "sub/c.png", "sub/deeper/d.bmp"]
+
+
+def test_glob_matching_nothing_is_an_error_row(model_file: Path, tmp_path: Path) -> None:
+    write_png(tmp_path / "a.png", REFERENCES[0])
+    out = tmp_path / "o.csv"
+    predict_paths([tmp_path / "a.png", tmp_path / "z*.png"], model_file, out, progress=False)
+    rows = read_csv(out)
+    assert [r["status"] for r in rows] == ["ok", "error"]
+    assert rows[1]["message"] == "no file matches this pattern"
+
+
+def test_output_file_is_not_an_input(good_folder: Path, model_file: Path) -> None:
+    out = good_folder / "predictions.csv"
+    predict_paths([good_folder], model_file, out, progress=False)
+    summary = predict_paths([good_folder], model_file, out, progress=False)  # second run
+    assert summary.total == 3 and summary.failed == 0
+
+
+def test_debug_dir_holds_the_network_inputs(model_file: Path, tmp_path: Path) -> None:
+    img = photo(big_glyph(2), np.random.default_rng(5), (200, 260))
+    write_png(tmp_path / "in" / "photo.png", img)
+    debug = tmp_path / "debug"
+    predict_paths([tmp_path / "in"], model_file, tmp_path / "o.csv", debug_dir=debug)
+    (saved,) = debug.iterdir()
+    assert saved.name == "0000000_photo.png.png"
+    net_input = cv2.imread(str(saved), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(net_input, to_mnist(img))
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_exit_codes(good_folder: Path, model_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o.csv"
+    assert cli(good_folder, "--model", model_file, "--out", out).exit_code == 0
+    (good_folder / "bad.png").write_bytes(b"")
+    result = cli(good_folder, "--model", model_file, "--out", out)
+    assert result.exit_code == 1
+    assert "4 files: 3 ok, 0 empty, 1 error" in result.output
+    assert "bad.png: empty file" in result.output
+    allowed = cli(good_folder, "--model", model_file, "--out", out, "--allow-failures")
+    assert allowed.exit_code == 0 and len(read_csv(out)) == 4
+
+
+def test_usage_errors_exit_2(good_folder: Path, model_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o.csv"
+    (tmp_path / "empty").mkdir()
+    cases = {
+        "no inputs": [tmp_path / "empty", "--model", model_file, "--out", out],
+        "no model": [good_folder, "--model", tmp_path / "nope.pt", "--out", out],
+        "out is a folder": [good_folder, "--model", model_file, "--out", tmp_path],
+        "bad format": [good_folder, "--model", model_file, "--format", "xml"],
+        "no arguments": [],
+    }
+    for case, args in cases.items():
+        result = cli(*args)
+        assert result.exit_code == 2, case
+    assert "no input files" in cli(*cases["no inputs"]).output
+    assert "model file not found" in cli(*cases["no model"]).output
+    assert not out.exists()
+
+
+class _Payload:
+    """Pickles as a call to Path.touch(marker): loading it unsafely would run that call."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_foreign_model_files_are_refused(good_folder: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "digitflow-model", "payload": _Payload(marker)}, evil)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    not_ours = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(3)}, not_ours)
+    for model in (evil, junk, not_ours):
+        with pytest.raises(ModelFileError, match="not a digitflow model"):
+            Classifier.from_file(model)
+        result = cli(good_folder, "--model", model, "--out", tmp_path / "o.csv")
+        assert result.exit_code == 2 and "not a digitflow model" in result.output
+    assert not marker.exists()  # the pickled call never ran
+
+
+def test_params_fill_unset_options(model_file: Path, tmp_path: Path) -> None:
+    img = photo(big_glyph(9), np.random.default_rng(6), (150, 200))
+    write_png(tmp_path / "in" / "p.png", img)
+    params = tmp_path / "params.yaml"
+    params.write_text("predict:\n  preprocess: false\n  batch_size: 3\n  workers: 1\n")
+    debug = tmp_path / "dbg"
+    args = [tmp_path / "in", "--model", model_file, "--out", tmp_path / "o.csv"]
+    assert cli(*args, "--params", params, "--debug-dir", debug).exit_code == 0
+    assert np.array_equal(cv2.imread(str(next(debug.iterdir())), 0), naive_28(img))
+    # an option on the command line wins over params
+    assert cli(*args, "--params", params, "--debug-dir", debug, "--preprocess").exit_code == 0
+    assert np.array_equal(cv2.imread(str(next(debug.iterdir())), 0), to_mnist(img))
+    params.write_text("predict:\n  batchsize: 3\n")
+    result = cli(*args, "--params", params)
+    assert result.exit_code == 2 and "predict.batchsize" in result.output
+
+
+def test_failed_run_keeps_the_previous_output(good_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o.csv"
+    out.write_text("previous results\n")
+    with pytest.raises(ModelFileError):
+        predict_paths([good_folder], tmp_path / "missing.pt", out)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PredictUsageError, match="no input files"):
+        predict_paths([tmp_path / "empty"], tmp_path / "missing.pt", out)
+    assert out.read_text() == "previous results\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_interrupted_run_leaves_no_output(model_file: Path, tmp_path: Path) -> None:
+    """Ctrl-C in the middle of writing: no predictions file, no temp file left behind."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    data = _png_bytes(REFERENCES[3])
+    for i in range(4000):
+        (folder / f"{i:05d}.png").write_bytes(data)
+    out = tmp_path / "out" / "pred.csv"
+    code = "import typer; from flows.predict_cmd import predict; typer.run(predict)"
+    args = [folder, "--model", model_file, "--out", out, "--batch-size", "1", "--workers", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *map(str, args)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        temps = list(out.parent.glob(".pred.csv.*.tmp")) if out.parent.exists() else []
+        if temps and temps[0].stat().st_size > 0:  # rows are being written
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert not out.exists()
+    assert list(out.parent.iterdir()) == []
