@@ -46,14 +46,14 @@ def _fail_cleanly(func: Callable[..., Any]) -> Callable[..., Any]:
         from tasks.config import ParamsError
         from tasks.download import DownloadError
         from tasks.idx import IdxError
-        from tasks.model import ModelFileError
 
         try:
             return func(*args, **kwargs)
         except ParamsError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from exc
-        except (DownloadError, IdxError, ModelFileError, FileNotFoundError, ValueError) as exc:
+        # ValueError covers ModelFileError too, without importing torch for light commands
+        except (DownloadError, IdxError, FileNotFoundError, ValueError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from exc
 
@@ -135,9 +135,7 @@ def train(
 def evaluate(
     model: Annotated[Path, typer.Option(help="model file")] = Path("data/model/model.pt"),
     test: Annotated[Path, typer.Option(help="test set .npz")] = Path("data/prepared/test.npz"),
-    out: Annotated[Path, typer.Option(help="folder for metrics and plots")] = Path(
-        "data/evaluate"
-    ),
+    out: Annotated[Path, typer.Option(help="folder for metrics and plots")] = Path("data/evaluate"),
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Test accuracy, per-class metrics, confusion matrix, most-confused pairs."""
@@ -172,6 +170,14 @@ def report(
 
 # --- commands defined in their own modules (their heavy imports stay inside the functions) ---
 # (registered below this line)
+from flows import flow_cmds, predict_cmd  # noqa: E402
+
+app.command("predict")(predict_cmd.predict)
+app.command("batch-predict")(predict_cmd.batch_predict)
+
+app.command("run")(flow_cmds.run)
+app.command("retrain")(flow_cmds.retrain)
+app.command("serve")(flow_cmds.serve)
 
 
 def main() -> None:

@@ -1,0 +1,106 @@
+"""CLI commands for the Prefect flows: ``digitflow run``, ``retrain`` and ``serve``.
+
+Registered in flows/cli.py; Prefect and DVC are imported inside the commands so
+that the stage commands (which dvc.yaml calls) start without them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+RootOpt = Annotated[Path, typer.Option("--root", help="root of the git + DVC repository")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set-param",
+        "-S",
+        help="param override for the challenger, Hydra syntax as in `dvc exp run -S` "
+        "(e.g. -S train.epochs=10); repeatable",
+    ),
+]
+# The URL `prefect server start` serves its API on by default.
+DEFAULT_SERVER_API = "http://127.0.0.1:4200/api"
+DEPLOYMENT_NAME = "digitflow-retrain"
+
+
+def run(
+    root: RootOpt = Path("."),
+    baseline: Annotated[
+        str | None,
+        typer.Option(help="revision to diff metrics against (default: champion tag, else HEAD)"),
+    ] = None,
+) -> None:
+    """Run the training pipeline (the dvc.yaml stages) as a Prefect flow."""
+    from flows.pipeline import training_pipeline
+
+    state = training_pipeline(root=str(root), baseline=baseline, return_state=True)
+    if not state.is_completed():
+        typer.echo(f"error: pipeline {state.name}: {state.message}", err=True)
+        raise typer.Exit(1)
+    for stage in state.result():
+        typer.echo(f"{stage['stage']:<10} {stage['status']:<8} {stage['seconds']:8.1f} s")
+
+
+def retrain(root: RootOpt = Path("."), set_param: SetOpt = None) -> None:
+    """Train a challenger and promote it (tag model@vN) only if it beats the champion."""
+    from flows.retrain import retrain as retrain_flow
+
+    state = retrain_flow(root=str(root), overrides=set_param or [], return_state=True)
+    if not state.is_completed():
+        typer.echo(f"error: retrain {state.name}: {state.message}", err=True)
+        raise typer.Exit(1)
+    result = state.result()
+    verdict = f"promoted {result['tag']}" if result["promoted"] else "rejected"
+    typer.echo(f"challenger {verdict} (champion was {result['champion'] or 'none'})")
+    for reason in result["reasons"]:
+        typer.echo(f"  - {reason}")
+
+
+def api_problem() -> str | None:
+    """Why Prefect cannot schedule here (None when a reachable server is configured)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if not url:
+        return (
+            "no Prefect server configured: Prefect would use a temporary (ephemeral) server "
+            "that lives only as long as this process, so nothing could schedule runs.\n"
+            "Start a server and point digitflow at it:\n"
+            "  prefect server start            # in another terminal (or as a service)\n"
+            f"  export PREFECT_API_URL={DEFAULT_SERVER_API}"
+        )
+    with get_client(sync_client=True) as client:
+        error = client.api_healthcheck()
+    if error is not None:
+        return (
+            f"the Prefect API at {url} is not reachable ({error}).\n"
+            "Start it with `prefect server start`, or fix PREFECT_API_URL."
+        )
+    return None
+
+
+def serve(
+    cron: Annotated[str, typer.Option(help="cron schedule of the retrain runs")] = "0 3 * * 1",
+    root: RootOpt = Path("."),
+    name: Annotated[str, typer.Option(help="deployment name")] = DEPLOYMENT_NAME,
+    set_param: SetOpt = None,
+) -> None:
+    """Serve the retrain flow on a cron schedule (needs a running Prefect server)."""
+    if problem := api_problem():
+        typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(2)
+    from prefect.types.entrypoint import EntrypointType
+
+    from flows.retrain import retrain as retrain_flow
+
+    retrain_flow.serve(
+        name=name,
+        cron=cron,
+        parameters={"root": str(root.resolve()), "overrides": set_param or []},
+        # the package is installed, so the runner imports the flow by module, from any cwd
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )

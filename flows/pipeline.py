@@ -1,0 +1,302 @@
+"""The ``training_pipeline`` flow: the stages of dvc.yaml as Prefect tasks, run through DVC.
+
+dvc.yaml stays the one definition of the DAG: the stage graph is read through
+DVC's Python API and each stage runs as ``dvc repro --single-item <stage>``, so
+dvc.lock records every stage and up-to-date stages are skipped by DVC itself.
+A failed stage fails the flow with the stage's own output; a rerun resumes there
+because the stages before it are up to date in dvc.lock.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+# Stable artifact keys (Prefect keeps their history across runs under the same key).
+ARTIFACT_METRICS = "digitflow-metrics"
+ARTIFACT_PER_CLASS = "digitflow-per-class"
+ARTIFACT_CONFUSION = "digitflow-confusion-matrix"
+
+# Where the evaluate stage writes (dvc.yaml `evaluate` outs).
+EVAL_METRICS = "data/evaluate/metrics.json"
+EVAL_CLASSES = "data/evaluate/classes.json"
+EVAL_CONFUSION = "data/evaluate/confusion.csv"
+
+# The stage with Prefect-level retries: the only one that talks to the network.
+RETRIED_STAGE = "download"
+# Lines of a failed stage's output quoted in the exception (the full output is in the logs).
+ERROR_TAIL_LINES = 40
+# Champion tags written by the retrain flow: model@v1, model@v2, ...
+TAG_PREFIX = "model@v"
+# Metrics of the headline table, in this order (others still show in the diff section).
+HEADLINE = ("accuracy", "loss", "macro_precision", "macro_recall", "macro_f1", "errors")
+
+
+class StageFailed(RuntimeError):
+    """A DVC stage exited non-zero; the message carries the tail of its output."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage of dvc.yaml, as DVC's index sees it."""
+
+    name: str  # the stage name in dvc.yaml: the Prefect task name
+    target: str  # DVC's address for `dvc repro` (``name``, or ``sub/dvc.yaml:name``)
+    upstream: tuple[str, ...]  # names of the stages it depends on
+
+
+def stage_graph(root: Path) -> list[Stage]:
+    """The stages with a command, in dependency order (dvc.yaml order among independents)."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        position = {stage: i for i, stage in enumerate(repo.index.stages)}
+        order = nx.lexicographical_topological_sort(
+            graph.reverse(copy=True), key=lambda s: position.get(s, len(position))
+        )
+        # .dvc files of tracked data are graph nodes too, but have no command to run
+        return [
+            Stage(
+                name=_stage_name(stage),
+                target=_stage_target(stage, root),
+                upstream=tuple(_stage_name(dep) for dep in graph.successors(stage) if dep.cmd),
+            )
+            for stage in order
+            if stage.cmd
+        ]
+
+
+def _stage_name(stage: Any) -> str:
+    return getattr(stage, "name", None) or Path(stage.path).name
+
+
+def _stage_target(stage: Any, root: Path) -> str:
+    """The stage's address relative to ``root`` (DVC's ``addressing`` is relative to the cwd)."""
+    rel = Path(stage.path).resolve().relative_to(root.resolve())
+    name = getattr(stage, "name", None)
+    if name is None:  # a .dvc file: addressed by its path
+        return str(rel)
+    return name if str(rel) == "dvc.yaml" else f"{rel}:{name}"
+
+
+def dvc_env() -> dict[str, str]:
+    """The environment for DVC: stage commands (``digitflow ...``) must resolve to this venv."""
+    env = dict(os.environ)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def dvc_command(*args: str) -> list[str]:
+    """``dvc <args>`` with this interpreter's DVC (no reliance on PATH order)."""
+    return [sys.executable, "-m", "dvc", *args]
+
+
+def _clean_output(text: str) -> str:
+    """Progress bars rewrite lines with '\\r': keep only each line's final state."""
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.splitlines()).strip()
+
+
+def _stage_status(output: str, target: str) -> str:
+    """What DVC did: 'skipped' (up to date), 'restored' (run-cache) or 'ran'."""
+    if f"'{target}' didn't change, skipping" in output:
+        return "skipped"
+    if "is cached - skipping run" in output or "from run-cache" in output:
+        return "restored"
+    return "ran"
+
+
+@task(cache_policy=NO_CACHE)  # DVC decides what is up to date, not Prefect
+def run_stage(root: str, target: str) -> dict[str, Any]:
+    """Reproduce one stage with ``dvc repro --single-item``; raise StageFailed on failure."""
+    logger = get_run_logger()
+    start = time.perf_counter()
+    proc = subprocess.run(
+        dvc_command("repro", "--single-item", target),
+        cwd=root,
+        env=dvc_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    seconds = time.perf_counter() - start
+    output = _clean_output(proc.stdout + "\n" + proc.stderr)
+    if proc.returncode != 0:
+        tail = "\n".join(output.splitlines()[-ERROR_TAIL_LINES:])
+        logger.error("stage %s failed (exit %d):\n%s", target, proc.returncode, output)
+        raise StageFailed(f"stage {target!r} failed (exit {proc.returncode}):\n{tail}")
+    status = _stage_status(output, target)
+    logger.info("stage %s %s in %.1f s\n%s", target, status, seconds, output)
+    return {"stage": target, "status": status, "seconds": round(seconds, 3)}
+
+
+def latest_champion(root: Path) -> tuple[str, int] | None:
+    """The newest ``model@vN`` tag and its N, or None before the first promotion."""
+    proc = subprocess.run(
+        ["git", "tag", "--list", f"{TAG_PREFIX}*"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    versions = [
+        int(tag[len(TAG_PREFIX) :])
+        for tag in proc.stdout.split()
+        if tag[len(TAG_PREFIX) :].isdigit()
+    ]
+    if not versions:
+        return None
+    best = max(versions)
+    return f"{TAG_PREFIX}{best}", best
+
+
+def _has_commit(root: Path, rev: str) -> bool:
+    proc = subprocess.run(
+        ["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+        cwd=root,
+        capture_output=True,
+        check=False,
+    )
+    return proc.returncode == 0
+
+
+def metrics_diff(root: Path, baseline: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """``dvc metrics diff <baseline>`` (baseline vs workspace) through DVC's API."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        result = repo.metrics.diff(a_rev=baseline, b_rev="workspace")
+    return result.get("diff", {}) if result else {}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "–" if value is None else str(value)
+
+
+def _fmt_change(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:+.4f}"
+    if isinstance(value, int):
+        return f"{value:+d}"
+    return "–"
+
+
+def metrics_markdown(
+    metrics: dict[str, Any],
+    diff: dict[str, dict[str, dict[str, Any]]],
+    baseline: str | None,
+    stages: Iterable[dict[str, Any]],
+) -> str:
+    """The run's headline metrics, the diff against ``baseline`` and what each stage did."""
+    lines = ["# digitflow pipeline run", "", "## Test metrics", ""]
+    lines += ["| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(metrics[k])} |" for k in HEADLINE if k in metrics]
+    lines += ["", f"## Metrics diff against `{baseline}`" if baseline else "## Metrics diff", ""]
+    rows = [
+        f"| {path} | {name} | {_fmt(d.get('old'))} | {_fmt(d.get('new'))} "
+        f"| {_fmt_change(d.get('diff'))} |"
+        for path, by_name in sorted(diff.items())
+        for name, d in sorted(by_name.items())
+    ]
+    if rows:
+        lines += ["| file | metric | old | new | change |", "|---|---|---|---|---|", *rows]
+    else:
+        lines.append("No baseline revision to compare with." if not baseline else "No changes.")
+    lines += ["", "## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
+    lines += [f"| {s['stage']} | {s['status']} | {s['seconds']:.1f} |" for s in stages]
+    return "\n".join(lines) + "\n"
+
+
+def confusion_rows(confusion_csv: Path) -> list[dict[str, Any]]:
+    """The 10x10 confusion matrix (rows: actual, columns: predicted) from per-image rows."""
+    counts = [[0] * 10 for _ in range(10)]
+    with confusion_csv.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            counts[int(row["actual"])][int(row["predicted"])] += 1
+    return [{"actual": str(a), **{str(p): counts[a][p] for p in range(10)}} for a in range(10)]
+
+
+def publish_artifacts(root: Path, baseline: str | None, stages: list[dict[str, Any]]) -> None:
+    """Markdown (headline metrics + diff), per-class table and confusion-matrix artifacts."""
+    logger = get_run_logger()
+    metrics_path = root / EVAL_METRICS
+    if not metrics_path.is_file():
+        logger.warning("no %s: this pipeline has no evaluate stage; no artifacts", EVAL_METRICS)
+        return
+    metrics = json.loads(metrics_path.read_text())
+    diff = metrics_diff(root, baseline) if baseline else {}
+    create_markdown_artifact(
+        key=ARTIFACT_METRICS,
+        markdown=metrics_markdown(metrics, diff, baseline, stages),
+        description=f"test metrics of {root.name}, diff against {baseline}",
+    )
+    per_class = json.loads((root / EVAL_CLASSES).read_text())["per_class"]
+    create_table_artifact(
+        key=ARTIFACT_PER_CLASS,
+        table=[
+            {
+                "class": str(row["class"]),
+                **{k: round(float(row[k]), 4) for k in ("precision", "recall", "f1")},
+                "support": int(row["support"]),
+            }
+            for row in per_class
+        ],
+        description="per-class precision / recall / F1 on the test set",
+    )
+    create_table_artifact(
+        key=ARTIFACT_CONFUSION,
+        table=confusion_rows(root / EVAL_CONFUSION),
+        description="confusion matrix on the test set (rows: actual, columns: predicted)",
+    )
+
+
+def default_baseline(root: Path) -> str | None:
+    """The champion tag when there is one, else HEAD (None in a repo without commits)."""
+    champion = latest_champion(root)
+    if champion is not None:
+        return champion[0]
+    return "HEAD" if _has_commit(root, "HEAD") else None
+
+
+@flow(name="training_pipeline")
+def training_pipeline(root: str = ".", baseline: str | None = None) -> list[dict[str, Any]]:
+    """Run every dvc.yaml stage in dependency order; publish metrics artifacts.
+
+    ``baseline`` is the revision the metrics are diffed against (default: the
+    champion tag ``model@vN``, else HEAD). Returns one {stage, status, seconds} per stage.
+    """
+    from tasks.config import load_params
+
+    repo_root = Path(root).resolve()
+    params = load_params(repo_root / "params.yaml")  # read once, here at the entry point
+    logger = get_run_logger()
+    stages = stage_graph(repo_root)
+    logger.info("stages in dependency order: %s", " -> ".join(s.name for s in stages))
+    results = []
+    for stage in stages:
+        options: dict[str, Any] = {"name": stage.name, "task_run_name": stage.name}
+        if stage.name == RETRIED_STAGE and params.pipeline.download_retries > 0:
+            options["retries"] = params.pipeline.download_retries
+            options["retry_delay_seconds"] = exponential_backoff(
+                backoff_factor=params.pipeline.retry_delay_s
+            )
+        results.append(run_stage.with_options(**options)(str(repo_root), stage.target))
+    publish_artifacts(repo_root, baseline or default_baseline(repo_root), results)
+    return results

@@ -1,0 +1,383 @@
+"""The Prefect flows against a real Prefect API, on tiny data in temporary git + DVC repos.
+
+The stages run for real (``dvc repro --single-item``, the ``digitflow`` commands);
+what the flows did is read back through the Prefect client: task runs, logs,
+artifacts and the served deployment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from benchmarks.flow_overhead import copy_sources
+from flows.pipeline import (
+    ARTIFACT_CONFUSION,
+    ARTIFACT_METRICS,
+    ARTIFACT_PER_CLASS,
+    stage_graph,
+    training_pipeline,
+)
+from flows.retrain import ARTIFACT_DECISION, judge, retrain
+from tasks.config import RetrainParams
+
+PROJECT = Path(__file__).resolve().parents[1]
+# The stages of this project's dvc.yaml these tests rely on (others, like `predict`, may follow).
+STAGES = ["download", "split", "train", "evaluate", "report"]
+BIN = str(Path(sys.executable).parent)
+# Tiny-data training that learns: these settings reach ~50% test accuracy after 2 epochs
+# and ~90% after 4 on the 600/200 rendered digits (measured; CPU training is seeded).
+TINY_TRAIN = {
+    "epochs": 1,
+    "batch_size": 16,
+    "lr": 3e-3,
+    "device": "cpu",
+    "normalize": {"mean": 0.1307, "std": 0.3081},
+}
+POLL_S = 0.5  # how often to poll the Prefect API for asynchronously written records
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def _run(cwd: Path, *args: str) -> str:
+    env = {**os.environ, "PATH": BIN + os.pathsep + os.environ.get("PATH", "")}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def _dvc(cwd: Path, *args: str) -> str:
+    return _run(cwd, sys.executable, "-m", "dvc", *args)
+
+
+def _edit_params(repo: Path, **sections: dict[str, Any]) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for name, values in sections.items():
+        params[name].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def make_repo(where: Path) -> Path:
+    """A committed git + DVC repo with this project's pipeline and tiny-data params."""
+    where.mkdir(parents=True)
+    copy_sources(where)
+    (where / ".dvcignore").write_text("__pycache__/\n")
+    (where / ".gitignore").write_text("__pycache__/\n/data/checkpoints/\n")
+    _edit_params(
+        where,
+        # no network here: the local mirror ($MNIST_MIRROR) is the only source
+        download={"mirrors": [], "retries": 1, "backoff_s": 0.0},
+        train=TINY_TRAIN,
+        evaluate={"batch_size": 200},
+        report={"n_misclassified": 4},
+        pipeline={"download_retries": 2, "retry_delay_s": 0.1},
+    )
+    _run(where, "git", "init", "-q", "-b", "main")
+    _run(where, "git", "config", "user.email", "tests@digitflow")
+    _run(where, "git", "config", "user.name", "digitflow tests")
+    _dvc(where, "init", "-q")
+    _run(where, "git", "add", "-A")
+    _run(where, "git", "commit", "-q", "-m", "pipeline")
+    return where
+
+
+@pytest.fixture
+def tiny_env(tiny_mnist: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point the download stage at the tiny synthetic mirror (inherited by `dvc repro`)."""
+    monkeypatch.setenv("MNIST_MIRROR", str(tiny_mnist / "mirror"))
+    monkeypatch.setenv("DIGITFLOW_MNIST_CHECKSUMS", str(tiny_mnist / "checksums.json"))
+    return tiny_mnist
+
+
+def _task_runs(flow_run_id: Any) -> list[Any]:
+    """Task runs of one flow run, in start order."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+        )
+
+
+def _wait_for_log(flow_run_id: Any, needle: str, timeout_s: float = 20.0) -> str:
+    """All log text of a flow run, once it contains ``needle`` (logs are shipped in batches)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    deadline = time.monotonic() + timeout_s
+    text = ""
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            logs = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+            )
+            text = "\n".join(log.message for log in logs)
+            if needle in text:
+                return text
+            time.sleep(POLL_S)
+    raise AssertionError(f"{needle!r} not in the flow run's logs:\n{text[-2000:]}")
+
+
+def _artifact(key: str, flow_run_id: Any) -> Any:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[key]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+            )
+        )
+    assert len(found) == 1, f"artifact {key}: {found}"
+    return found[0]
+
+
+def _data(artifact: Any) -> Any:
+    """Table artifacts are stored as JSON text."""
+    return json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+
+
+# --- the stage graph -----------------------------------------------------------------
+
+
+def test_stage_graph_is_read_from_dvc_yaml_and_picks_up_new_stages(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo")
+    stages = stage_graph(repo)
+    assert [s.name for s in stages][: len(STAGES)] == STAGES
+    assert set(next(s for s in stages if s.name == "evaluate").upstream) == {"train", "split"}
+    # a stage added to dvc.yaml (like the coming `predict`) is run with no code change
+    dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
+    dvc_yaml["stages"] = {
+        "audit": {  # listed first, but it depends on the model: it must run after train
+            "cmd": "echo audit",
+            "deps": ["data/model/model.pt"],
+            "outs": ["data/audit"],
+        },
+        **dvc_yaml["stages"],
+    }
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+    names = [s.name for s in stage_graph(repo)]
+    assert set(names) == {s.name for s in stages} | {"audit"}
+    assert names.index("audit") > names.index("train")
+    assert names.index("download") < names.index("split") < names.index("train")
+
+
+# --- the training pipeline flow ------------------------------------------------------
+
+
+def test_failing_download_is_retried_then_fails_the_flow_with_its_message(
+    prefect_api: None, tiny_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    missing = tmp_path / "no-such-mirror"
+    monkeypatch.setenv("MNIST_MIRROR", str(missing))
+
+    state = training_pipeline(root=str(repo), return_state=True)
+
+    assert state.is_failed()
+    assert "stage 'download' failed" in state.message
+    assert str(missing) in state.message  # the stage's own error output, not just an exit code
+    runs = _task_runs(state.state_details.flow_run_id)
+    assert [r.name for r in runs] == ["download"]  # nothing downstream was attempted
+    assert runs[0].run_count == 3  # 1 try + pipeline.download_retries (2)
+    assert runs[0].state.is_failed()
+    _wait_for_log(state.state_details.flow_run_id, str(missing))
+    assert not (repo / "dvc.lock").exists()
+
+
+def test_pipeline_runs_stages_in_order_resumes_after_a_failure_and_skips_when_up_to_date(
+    prefect_api: None, tiny_env: Path, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    # 1. train fails (no such device: fails with or without a GPU): download and split done
+    _edit_params(repo, train={**TINY_TRAIN, "device": "cuda:99"})
+    failed = training_pipeline(root=str(repo), return_state=True)
+    assert failed.is_failed() and "stage 'train' failed" in failed.message
+    runs = _task_runs(failed.state_details.flow_run_id)
+    assert [r.name for r in runs] == ["download", "split", "train"]
+    assert [r.state.type.value for r in runs] == ["COMPLETED", "COMPLETED", "FAILED"]
+
+    # 2. fixed: the rerun resumes at train (DVC skips download and split)
+    _edit_params(repo, train=TINY_TRAIN)
+    state = training_pipeline(root=str(repo), return_state=True)
+    assert state.is_completed(), state.message
+    statuses = {r["stage"]: r["status"] for r in state.result()}
+    assert {k: statuses[k] for k in STAGES} == {
+        "download": "skipped", "split": "skipped",
+        "train": "ran", "evaluate": "ran", "report": "ran",
+    }  # fmt: skip
+    flow_run_id = state.state_details.flow_run_id
+    assert [r.name for r in _task_runs(flow_run_id)][: len(STAGES)] == STAGES  # dependency order
+    assert (repo / "data/report/report.md").is_file()
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert set(STAGES) <= set(lock["stages"])  # dvc.lock stays the record
+
+    metrics = json.loads((repo / "data/evaluate/metrics.json").read_text())
+    markdown = _artifact(ARTIFACT_METRICS, flow_run_id).data
+    assert f"{metrics['accuracy']:.4f}" in markdown
+    assert "Metrics diff against `HEAD`" in markdown  # no champion yet: the previous commit
+    per_class = _data(_artifact(ARTIFACT_PER_CLASS, flow_run_id))
+    assert [row["class"] for row in per_class] == [str(c) for c in range(10)]
+    assert {"precision", "recall", "f1"} <= set(per_class[0])
+    confusion = _data(_artifact(ARTIFACT_CONFUSION, flow_run_id))
+    assert sum(row[str(p)] for row in confusion for p in range(10)) == metrics["n_test"]
+    assert sum(confusion[a][str(a)] for a in range(10)) == metrics["n_test"] - metrics["errors"]
+
+    # 3. nothing changed: every stage is skipped
+    again = training_pipeline(root=str(repo), return_state=True)
+    assert {r["status"] for r in again.result()} == {"skipped"}
+
+
+# --- retraining: champion / challenger -------------------------------------------------
+
+
+def _classes(recalls: list[float]) -> dict[str, Any]:
+    return {"per_class": [{"class": str(c), "recall": r} for c, r in enumerate(recalls)]}
+
+
+def test_judge_needs_the_accuracy_gain_and_no_large_class_recall_drop() -> None:
+    rules = RetrainParams(min_improvement=0.01, max_class_drop=0.05)
+    base = _classes([0.9] * 10)
+    assert judge(None, None, {"accuracy": 0.1}, base, rules).promote  # first model
+    better = judge({"accuracy": 0.90}, base, {"accuracy": 0.92}, _classes([0.9] * 10), rules)
+    assert better.promote and better.accuracy_gain == pytest.approx(0.02)
+    small = judge({"accuracy": 0.90}, base, {"accuracy": 0.905}, base, rules)
+    assert not small.promote and "min_improvement" in small.reasons[0]
+    dropped = judge(
+        {"accuracy": 0.90}, base, {"accuracy": 0.95}, _classes([0.9] * 9 + [0.8]), rules
+    )
+    assert not dropped.promote
+    assert dropped.reasons == [dropped.reasons[0]] and "class 9" in dropped.reasons[0]
+    assert "max_class_drop" in dropped.reasons[0]
+
+
+def _tags(repo: Path) -> list[str]:
+    return _run(repo, "git", "tag", "--list", "model@v*").split()
+
+
+def _snapshot(repo: Path) -> tuple[str, str, str]:
+    """HEAD, the working tree's status and the worktree list: what retrain must not change."""
+    return (
+        _run(repo, "git", "rev-parse", "HEAD"),
+        _run(repo, "git", "status", "--porcelain", "--untracked-files=all"),
+        _run(repo, "git", "worktree", "list", "--porcelain"),
+    )
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_retrain_promotes_a_better_challenger_and_rejects_a_worse_one(
+    prefect_api: None, tiny_env: Path, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    before = _snapshot(repo)
+
+    first = retrain(root=str(repo), overrides=["train.epochs=2"])
+    assert first["promoted"] and first["tag"] == "model@v1" and first["champion"] is None
+
+    better = retrain(root=str(repo), overrides=["train.epochs=4"])
+    assert better["promoted"] and better["tag"] == "model@v2", better["reasons"]
+    assert better["champion"] == "model@v1" and better["accuracy"] > first["accuracy"]
+
+    # honestly worse: half the epochs of the champion
+    state = retrain(root=str(repo), overrides=["train.epochs=2"], return_state=True)
+    worse = state.result()
+    assert not worse["promoted"] and worse["tag"] is None and worse["champion"] == "model@v2"
+    assert any("min_improvement" in r for r in worse["reasons"]), worse["reasons"]
+    decision = _artifact(ARTIFACT_DECISION, state.state_details.flow_run_id).data
+    assert "rejected" in decision and "min_improvement" in decision
+
+    assert _tags(repo) == ["model@v1", "model@v2"]
+    assert _snapshot(repo) == before  # branch, working tree and worktrees as they were
+
+    # a challenger that crashes midway (its train stage fails) promotes nothing
+    crashed = retrain(root=str(repo), overrides=["train.device=cuda:99"], return_state=True)
+    assert crashed.is_failed() and "stage 'train' failed" in crashed.message
+    assert _tags(repo) == ["model@v1", "model@v2"]
+    assert _snapshot(repo) == before
+
+    # the promotions are ordinary git + DVC revisions
+    diff = json.loads(_dvc(repo, "metrics", "diff", "model@v1", "model@v2", "--json"))
+    accuracy = diff["data/evaluate/metrics.json"]["accuracy"]
+    assert accuracy["old"] == pytest.approx(first["accuracy"])
+    assert accuracy["new"] == pytest.approx(better["accuracy"])
+    params_v1 = yaml.safe_load(_run(repo, "git", "show", "model@v1:params.yaml"))
+    assert params_v1["train"]["epochs"] == 2
+    _run(repo, "git", "checkout", "-q", "model@v1")
+    _dvc(repo, "checkout", "-q")
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    model_out = next(o for o in lock["stages"]["train"]["outs"] if o["path"].endswith(".pt"))
+    assert _md5(repo / "data/model/model.pt") == model_out["md5"]
+
+
+# --- serving on a schedule -----------------------------------------------------------
+
+
+def test_serve_refuses_the_ephemeral_api_with_what_to_run(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # no profile with an API URL
+    proc = subprocess.run(
+        [str(Path(BIN) / "digitflow"), "serve", "--cron", "0 3 * * 1"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "prefect server start" in proc.stderr and "PREFECT_API_URL" in proc.stderr
+
+
+def test_serve_creates_a_deployment_with_the_cron_schedule(
+    prefect_api: None, tmp_path: Path
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "ph")}
+    cron = "0 3 * * 1"
+    proc = subprocess.Popen(
+        [str(Path(BIN) / "digitflow"), "serve", "--cron", cron, "--root", str(tmp_path),
+         "--name", "test-serve"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deployment = None
+    try:
+        deadline = time.monotonic() + 60  # CLI start-up plus deployment registration
+        with get_client(sync_client=True) as client:
+            while deployment is None and time.monotonic() < deadline:
+                assert proc.poll() is None, proc.communicate()[0]
+                try:
+                    deployment = client.read_deployment_by_name("retrain/test-serve")
+                except Exception:  # ObjectNotFound until the runner has registered it
+                    time.sleep(POLL_S)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert deployment is not None, "the served deployment never appeared"
+    assert [s.schedule.cron for s in deployment.schedules] == [cron]
+    assert deployment.parameters == {"root": str(tmp_path.resolve()), "overrides": []}
+    assert deployment.entrypoint == "flows.retrain.retrain"
+    assert proc.returncode is not None  # the runner stopped
