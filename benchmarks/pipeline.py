@@ -41,7 +41,9 @@ def run_measured(cmd: list[str], cwd: Path, env: dict[str, str]) -> dict[str, fl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=None, help="override train.epochs (default: params)")
+    ap.add_argument(
+        "--epochs", type=int, default=None, help="override train.epochs (default: params)"
+    )
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/pipeline.json")
     args = ap.parse_args()

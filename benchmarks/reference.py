@@ -36,11 +36,15 @@ def train_reference(
     seed: int = 42,
     val_fraction: float = 0.3,
     on_epoch: Callable[[int, float, float], None] | None = None,
+    device: str = "cpu",
+    stop_at: float | None = None,
 ) -> dict:
     """Train the seed way; returns wall time (training only), per-epoch test accuracy.
 
     ``on_epoch(epoch, elapsed_train_s, test_accuracy)`` is called after each epoch;
-    the test evaluation is not counted in the elapsed training time.
+    the test evaluation is not counted in the elapsed training time. On ``device``
+    "cuda" each batch is copied to the GPU, as the seed-style loop would do there.
+    With ``stop_at``, training ends after the first epoch whose test accuracy reaches it.
     """
     from torchvision import datasets, transforms
 
@@ -55,25 +59,30 @@ def train_reference(
         )
         loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True)
         test_loader = torch.utils.data.DataLoader(test, batch_size=1000)
-        model = SeedCNN()
+        model = SeedCNN().to(device)
         opt = torch.optim.Adam(model.parameters(), lr=lr)
         elapsed, history = 0.0, []
         for epoch in range(1, epochs + 1):
             t0 = time.perf_counter()
             model.train()
             for x, y in loader:
+                x, y = x.to(device), y.to(device)
                 opt.zero_grad()
                 loss = F.cross_entropy(model(x), y)
                 loss.backward()
                 opt.step()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
             elapsed += time.perf_counter() - t0
             model.eval()
             correct = 0
             with torch.inference_mode():
                 for x, y in test_loader:
-                    correct += (model(x).argmax(1) == y).sum().item()
+                    correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
             acc = correct / len(test)
             history.append({"epoch": epoch, "train_s": elapsed, "test_accuracy": acc})
             if on_epoch is not None:
                 on_epoch(epoch, elapsed, acc)
+            if stop_at is not None and acc >= stop_at:
+                break
     return {"train_s": elapsed, "test_accuracy": history[-1]["test_accuracy"], "history": history}

@@ -69,19 +69,65 @@ class NormalizeParams:
 
 
 @dataclass(frozen=True)
+class AugmentParams:
+    # Per-sample random affine of each training batch, on the training device.
+    # All zero (the seed recipe) switches augmentation off.
+    rotate_deg: float = 0.0  # rotation drawn uniformly from [-rotate_deg, +rotate_deg] degrees
+    scale: float = 0.0  # zoom factor drawn from [1 - scale, 1 + scale]
+    translate: float = 0.0  # shift per axis, fraction of the image side, in [-t, +t]
+
+    @property
+    def enabled(self) -> bool:
+        return self.rotate_deg > 0 or self.scale > 0 or self.translate > 0
+
+    def validate(self, p: str) -> None:
+        _check(
+            0 <= self.rotate_deg <= 180,
+            f"{p}.rotate_deg",
+            f"must be in [0, 180], got {self.rotate_deg}",
+        )
+        _check(0 <= self.scale < 1, f"{p}.scale", f"must be in [0, 1), got {self.scale}")
+        _check(
+            0 <= self.translate <= 0.5,
+            f"{p}.translate",
+            f"must be in [0, 0.5], got {self.translate}",
+        )
+
+
+@dataclass(frozen=True)
 class TrainParams:
     model: Literal["seed", "improved"] = "seed"
     epochs: int = 5
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 1e-3  # Adam learning rate; the peak rate under the onecycle schedule
     seed: int = 42
     normalize: NormalizeParams = field(default_factory=NormalizeParams)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # improved model only (the seed CNN has neither): BatchNorm after each conv / hidden layer
+    batchnorm: bool = False
+    dropout: float = 0.0  # improved model only: dropout before each linear layer
+    augment: AugmentParams = field(default_factory=AugmentParams)
+    schedule: Literal["constant", "onecycle"] = "constant"  # learning rate per step
+    channels_last: bool = False  # NHWC activations (oneDNN / tensor cores may run them faster)
+    compile: bool = False  # torch.compile the training forward/backward
+    amp: bool = False  # bf16 autocast for the training steps (CUDA; CPUs with AMX)
 
     def validate(self, p: str) -> None:
         _check(self.epochs >= 1, f"{p}.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, f"{p}.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.lr > 0, f"{p}.lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.dropout < 1, f"{p}.dropout", f"must be in [0, 1), got {self.dropout}")
+        # the seed CNN is kept layer for layer, so its numbers stay reproducible
+        _check(
+            self.model != "seed" or not self.batchnorm,
+            f"{p}.batchnorm",
+            "needs model: improved (the seed CNN has no BatchNorm)",
+        )
+        _check(
+            self.model != "seed" or self.dropout == 0,
+            f"{p}.dropout",
+            "needs model: improved (the seed CNN has no Dropout)",
+        )
         _check(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             f"{p}.device",
@@ -108,16 +154,53 @@ class ReportParams:
 
 
 @dataclass(frozen=True)
+class PredictParams:
+    batch_size: int = 256  # images per forward pass
+    workers: int = 2  # decoding threads (cv2 releases the GIL); this machine has 2 cores
+    preprocess: bool = True  # MNIST-style preprocessing of photos; false for MNIST-like inputs
+    chunk_size: int = 1000  # files per Prefect task in the batch_predict flow
+
+    def validate(self, p: str) -> None:
+        _check(self.batch_size >= 1, f"{p}.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.workers >= 1, f"{p}.workers", f"must be >= 1, got {self.workers}")
+        _check(self.chunk_size >= 1, f"{p}.chunk_size", f"must be >= 1, got {self.chunk_size}")
+
+
+@dataclass(frozen=True)
+class PipelineParams:
+    download_retries: int = 3  # Prefect task retries of the download stage
+    retry_delay_s: float = 2.0  # first Prefect retry delay; doubles each retry
+
+    def validate(self, p: str) -> None:
+        _check(self.download_retries >= 0, f"{p}.download_retries", "must be >= 0")
+        _check(self.retry_delay_s >= 0, f"{p}.retry_delay_s", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class RetrainParams:
+    # promote a challenger only when test accuracy improves by at least this much (absolute)
+    min_improvement: float = 0.001
+    # ...and no class's recall drops by more than this (absolute) vs the champion
+    max_class_drop: float = 0.01
+
+    def validate(self, p: str) -> None:
+        _check(0 <= self.min_improvement < 1, f"{p}.min_improvement", "must be in [0, 1)")
+        _check(0 <= self.max_class_drop < 1, f"{p}.max_class_drop", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
 class Params:
     download: DownloadParams = field(default_factory=DownloadParams)
     split: SplitParams = field(default_factory=SplitParams)
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     report: ReportParams = field(default_factory=ReportParams)
+    predict: PredictParams = field(default_factory=PredictParams)
+    pipeline: PipelineParams = field(default_factory=PipelineParams)
+    retrain: RetrainParams = field(default_factory=RetrainParams)
 
     def validate(self, p: str = "") -> None:
-        for f in dataclasses.fields(self):
-            getattr(self, f.name).validate(f.name)
+        """Sections validate themselves; _validate_tree walks into them."""
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -175,10 +258,19 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _validate_tree(obj: Any, prefix: str) -> None:
+    """Run ``validate(prefix)`` of ``obj`` and of every dataclass nested in it."""
+    obj.validate(prefix)
+    for f in dataclasses.fields(obj):
+        child = getattr(obj, f.name)
+        if dataclasses.is_dataclass(child):
+            _validate_tree(child, f"{prefix}.{f.name}" if prefix else f.name)
+
+
 def parse_params(data: dict[str, Any] | None) -> Params:
     """Build and validate Params from a parsed params.yaml mapping."""
     params = _build(Params, data or {}, "")
-    params.validate()
+    _validate_tree(params, "")
     return params
 
 

@@ -158,7 +158,9 @@ def download_mnist(
                     )
                     got = _sha256(raw)
                     if got != expected:
-                        raise _Rejected(f"SHA-256 mismatch (got {got[:12]}…, want {expected[:12]}…)")
+                        raise _Rejected(
+                            f"SHA-256 mismatch (got {got[:12]}…, want {expected[:12]}…)"
+                        )
                     data = raw
                     break
                 except (OSError, _Rejected, urllib.error.URLError) as exc:

@@ -87,7 +87,7 @@ def evaluate(
         "macro_precision": float(prec.mean()),
         "macro_recall": float(rec.mean()),
         "macro_f1": float(f1.mean()),
-        "n_test": int(len(labels)),
+        "n_test": len(labels),
         "errors": int((predicted != actual).sum()),
     }
     confused = most_confused(actual, predicted, top_confused)

@@ -15,15 +15,11 @@ def _pair(raw_dir: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
     images = read_images(raw_dir / MNIST_FILES[f"{prefix}_images"])
     labels = read_labels(raw_dir / MNIST_FILES[f"{prefix}_labels"])
     if len(images) != len(labels):
-        raise IdxError(
-            f"{raw_dir}: {prefix} set has {len(images)} images but {len(labels)} labels"
-        )
+        raise IdxError(f"{raw_dir}: {prefix} set has {len(images)} images but {len(labels)} labels")
     return images, labels
 
 
-def split_dataset(
-    raw_dir: Path, out_dir: Path, val_fraction: float, seed: int
-) -> dict[str, Path]:
+def split_dataset(raw_dir: Path, out_dir: Path, val_fraction: float, seed: int) -> dict[str, Path]:
     """Write train/val/test .npz files; returns {split name: path}.
 
     The validation set is a seeded random ``val_fraction`` of the training

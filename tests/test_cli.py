@@ -25,7 +25,9 @@ def test_download_all_sources_failing_is_one_clear_error(tmp_path: Path, monkeyp
     params.write_text(yaml.safe_dump({"download": {"mirrors": [], "retries": 1}}))
     monkeypatch.setenv("MNIST_MIRROR", str(tmp_path / "missing"))
     monkeypatch.delenv("DIGITFLOW_MNIST_CHECKSUMS", raising=False)
-    result = runner.invoke(app, ["download", "--out", str(tmp_path / "raw"), "--params", str(params)])
+    result = runner.invoke(
+        app, ["download", "--out", str(tmp_path / "raw"), "--params", str(params)]
+    )
     assert result.exit_code == 1
     assert "MNIST_MIRROR" in result.output and str(tmp_path / "missing") in result.output
 

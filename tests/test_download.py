@@ -18,7 +18,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     routes: dict[str, tuple[int, bytes]] = {}
     hits: list[str] = []
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         self.hits.append(self.path)
         status, body = self.routes.get(self.path, (404, b"not found"))
         self.send_response(status)
@@ -118,14 +118,14 @@ def test_failing_first_mirror_falls_through_to_next(
 
 
 def test_transient_error_then_success_is_retried(server, tiny_mnist: Path, tmp_path: Path):
-    url, handler = server
+    _url, handler = server
     _serve_all(handler, "/a", tiny_mnist / "mirror")
     name = MNIST_FILES["train_images"]
     body = handler.routes[f"/a/{name}.gz"][1]
     calls = {"n": 0}
 
     class Flaky(handler):  # type: ignore[misc, valid-type]
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             if self.path == f"/a/{name}.gz" and calls["n"] < 2:
                 calls["n"] += 1
                 self.routes[self.path] = (503, b"busy")

@@ -31,7 +31,7 @@ def evaluated(trained_model_path: Path, tiny_prepared: Path, tmp_path_factory) -
 
 
 def test_evaluate_writes_metrics_classes_and_confusion(evaluated, tiny_prepared: Path):
-    result, out = evaluated
+    _result, out = evaluated
     _, labels = load_arrays(tiny_prepared / "test.npz")
     metrics = json.loads((out / "metrics.json").read_text())
     # accuracy recomputed independently from the confusion plot rows
@@ -51,13 +51,23 @@ def test_evaluate_writes_metrics_classes_and_confusion(evaluated, tiny_prepared:
     assert len(classes["most_confused"]) <= 5
 
 
-def test_report_has_the_seed_reports_sections(evaluated, trained_model_path, tiny_prepared, tmp_path):
+def test_report_has_the_seed_reports_sections(
+    evaluated, trained_model_path, tiny_prepared, tmp_path
+):
     _, eval_dir = evaluated
     params = {"train": {"epochs": 2, "lr": 0.001}}
-    path = write_report(trained_model_path, eval_dir, tiny_prepared / "test.npz", tmp_path, params, 9)
+    path = write_report(
+        trained_model_path, eval_dir, tiny_prepared / "test.npz", tmp_path, params, 9
+    )
     md = path.read_text()
-    for heading in ["## Test accuracy", "## Training", "## Confusion matrix",
-                    "## Most-confused pairs", "## Misclassified test digits", "## Parameters"]:
+    for heading in [
+        "## Test accuracy",
+        "## Training",
+        "## Confusion matrix",
+        "## Most-confused pairs",
+        "## Misclassified test digits",
+        "## Parameters",
+    ]:
         assert heading in md
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     assert f"{metrics['accuracy']:.2%}" in md

@@ -28,7 +28,11 @@ def test_save_then_load_roundtrip(tmp_path: Path):
     x = torch.rand(3, 1, 28, 28)
     model.eval()
     assert torch.equal(loaded.model(x), model(x))
-    assert (loaded.arch, loaded.mean, loaded.std) == ("seed", pytest.approx(0.1), pytest.approx(0.3))
+    assert (loaded.arch, loaded.mean, loaded.std) == (
+        "seed",
+        pytest.approx(0.1),
+        pytest.approx(0.3),
+    )
     assert loaded.params == {"epochs": 1} and loaded.history[0]["loss"] == 1.0
     assert not loaded.model.training
     # no temp files left beside it

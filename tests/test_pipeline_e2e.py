@@ -101,4 +101,13 @@ def test_dvc_repro_end_to_end_then_skip_then_metrics_diff(tiny_mnist: Path, tmp_
     assert train_diff["step"]["old"] == 1 and train_diff["step"]["new"] == 2
     assert set(train_diff["val.accuracy"]) >= {"old", "new", "diff"}
     params_diff = json.loads(run(["dvc", "params", "diff", "--json"], repo, env))
-    assert params_diff["params.yaml"]["train.epochs"] == {"old": 1, "new": 2}
+    epochs_diff = params_diff["params.yaml"]["train.epochs"]
+    assert (epochs_diff["old"], epochs_diff["new"]) == (1, 2)
+
+    # experiments: `dvc exp run -S` reruns from the committed baseline and is listed
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "run 2"], repo, env)
+    out = run(["dvc", "exp", "run", "-S", "train.epochs=1", "-n", "one-epoch"], repo, env)
+    assert "Running stage 'train'" in out
+    shown = run(["dvc", "exp", "show", "--json"], repo, env)
+    assert "one-epoch" in shown

@@ -18,7 +18,9 @@ from tasks.split import split_dataset
 def _raw_dir(tiny_mnist: Path, dest: Path) -> Path:
     dest.mkdir()
     for name in MNIST_FILES.values():
-        (dest / name).write_bytes(gzip.decompress((tiny_mnist / "mirror" / f"{name}.gz").read_bytes()))
+        (dest / name).write_bytes(
+            gzip.decompress((tiny_mnist / "mirror" / f"{name}.gz").read_bytes())
+        )
     return dest
 
 
@@ -57,8 +59,8 @@ def test_split_is_seeded_disjoint_and_complete(tiny_mnist: Path, tmp_path: Path)
     a = split_dataset(raw, tmp_path / "a", val_fraction=0.3, seed=7)
     b = split_dataset(raw, tmp_path / "b", val_fraction=0.3, seed=7)
     c = split_dataset(raw, tmp_path / "c", val_fraction=0.3, seed=8)
-    tx, ty = load_arrays(a["train"])
-    vx, vy = load_arrays(a["val"])
+    tx, _ty = load_arrays(a["train"])
+    vx, _vy = load_arrays(a["val"])
     sx, _ = load_arrays(a["test"])
     assert (len(tx), len(vx), len(sx)) == (420, 180, 200)
     assert tx.dtype == np.uint8 and tx.shape[1:] == (28, 28)
