@@ -18,7 +18,8 @@ SetOpt = Annotated[
         "--set-param",
         "-S",
         help="param override for the challenger, Hydra syntax as in `dvc exp run -S` "
-        "(e.g. -S train.epochs=10); repeatable",
+        "(e.g. -S train.epochs=10); repeatable. The retrain.* promotion rules cannot be "
+        "overridden: they are read from params.yaml as committed at HEAD",
     ),
 ]
 # The URL `prefect server start` serves its API on by default.
@@ -90,6 +91,13 @@ def serve(
     set_param: SetOpt = None,
 ) -> None:
     """Serve the retrain flow on a cron schedule (needs a running Prefect server)."""
+    from flows.retrain import RetrainError, check_overrides
+
+    try:  # refused now, not at every scheduled run
+        check_overrides(set_param or [])
+    except RetrainError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     if problem := api_problem():
         typer.echo(f"error: {problem}", err=True)
         raise typer.Exit(2)

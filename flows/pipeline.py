@@ -94,11 +94,22 @@ def _stage_target(stage: Any, root: Path) -> str:
     return name if str(rel) == "dvc.yaml" else f"{rel}:{name}"
 
 
-def dvc_env() -> dict[str, str]:
-    """The environment for DVC: stage commands (``digitflow ...``) must resolve to this venv."""
+def dvc_env(root: str | Path) -> dict[str, str]:
+    """The environment for DVC and the stage commands it starts, reproducing ``root``.
+
+    ``digitflow ...`` resolves to this venv's command (PATH), and the ``tasks`` /
+    ``flows`` packages it imports resolve to ``root``'s checkout: ``root`` goes first
+    on PYTHONPATH, ahead of the editable install (a meta-path finder that maps them
+    to the tree the venv was installed from). Without it a retrain challenger in a
+    git worktree would run the main tree's, possibly uncommitted, code while
+    dvc.lock records the worktree's committed hashes.
+    """
     env = dict(os.environ)
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(root).resolve()), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    )
     return env
 
 
@@ -129,7 +140,7 @@ def run_stage(root: str, target: str) -> dict[str, Any]:
     proc = subprocess.run(
         dvc_command("repro", "--single-item", target),
         cwd=root,
-        env=dvc_env(),
+        env=dvc_env(root),
         capture_output=True,
         text=True,
         check=False,

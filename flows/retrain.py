@@ -7,8 +7,16 @@ Promotion scheme (git tags ``model@vN``):
   challenger that completes is promoted as ``model@v1``.
 * The challenger runs the ``training_pipeline`` flow in a temporary detached git
   worktree of HEAD (param overrides applied to its params.yaml, Hydra syntax as
-  in ``dvc exp run -S``), sharing the main repo's DVC cache. The main working
-  tree, its branch and its outputs are never touched.
+  in ``dvc exp run -S``), sharing the main repo's DVC cache. Its stage commands
+  import the worktree's ``tasks``/``flows`` (``dvc_env``), i.e. the committed code
+  that dvc.lock records. The main working tree, its branch and its outputs are
+  never touched.
+* The promotion rules (``retrain:`` in params.yaml) are read from HEAD as
+  committed, before any override; overriding ``retrain.*`` is refused, so a
+  challenger cannot lower the bar it is judged by.
+* The worktree is locked with this process's id; at start, worktrees of retrain
+  runs whose process is gone (killed) are removed and git's stale worktree
+  records pruned.
 * Promotion = in the worktree, a commit of dvc.lock, params.yaml and the
   git-tracked metrics/plots, then an annotated tag ``model@v(N+1)`` on that
   commit, created last. The tag is the only ref a promotion writes, and creating
@@ -21,7 +29,10 @@ Promotion scheme (git tags ``model@vN``):
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import socket
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -43,6 +54,11 @@ from tasks.config import RetrainParams
 ARTIFACT_DECISION = "digitflow-retrain-decision"
 # Fallback identity for the promotion commit when the repo has none configured.
 GIT_IDENTITY = ("-c", "user.name=digitflow retrain", "-c", "user.email=digitflow@localhost")
+# params.yaml section of the promotion rules: fixed by the committed HEAD, never overridden.
+RULES_SECTION = "retrain"
+# The challenger worktree: <tmp>/digitflow-retrain-XXXX/challenger, locked with this reason.
+WORKTREE_PREFIX = "digitflow-retrain-"
+LOCK_REASON = re.compile(r"digitflow retrain pid (?P<pid>\d+) on (?P<host>\S+)")
 
 
 class RetrainError(RuntimeError):
@@ -116,11 +132,95 @@ def read_at_rev(root: Path, rev: str, path: str) -> dict[str, Any]:
     return json.loads(_git(root, "show", f"{rev}:{path}").stdout)
 
 
+def check_overrides(overrides: list[str]) -> None:
+    """Refuse overrides that are not Hydra syntax or that change the promotion rules."""
+    from dvc.utils.hydra import to_hydra_overrides
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = to_hydra_overrides(overrides)
+    except OverrideParseException as exc:
+        raise RetrainError(f"invalid param override: {exc}") from exc
+    for override in parsed:
+        key = override.key_or_group
+        if key == RULES_SECTION or key.startswith(f"{RULES_SECTION}."):
+            raise RetrainError(
+                f"override {override.input_line!r} changes the promotion rule {key!r}: "
+                f"the {RULES_SECTION}.* rules come from params.yaml as committed at HEAD "
+                "and cannot be overridden by the challenger; commit a change to them instead"
+            )
+
+
+def committed_rules(root: Path) -> RetrainParams:
+    """The promotion rules of params.yaml as committed at HEAD (no override applies)."""
+    import yaml
+
+    from tasks.config import ParamsError, parse_params
+
+    text = _git(root, "show", "HEAD:params.yaml").stdout
+    data = yaml.safe_load(text)
+    if data is not None and not isinstance(data, dict):
+        raise ParamsError("HEAD:params.yaml: top level must be a mapping of stage sections")
+    return parse_params(data).retrain
+
+
+def _lock_reason() -> str:
+    return f"digitflow retrain pid {os.getpid()} on {socket.gethostname()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _worktrees(root: Path) -> list[dict[str, str]]:
+    """``git worktree list --porcelain`` as one dict per worktree (the main one first)."""
+    out = _git(root, "worktree", "list", "--porcelain").stdout
+    entries = []
+    for block in out.strip().split("\n\n"):
+        entry = {}
+        for line in block.splitlines():
+            key, _, value = line.partition(" ")
+            entry[key] = value
+        entries.append(entry)
+    return entries
+
+
+def prune_stale_worktrees(root: Path) -> list[str]:
+    """Remove challenger worktrees of retrain runs that died (killed); prune git's records.
+
+    A run locks its worktree with its pid and host; a lock whose process is gone is
+    stale. Worktrees of live runs (concurrent retrains) and any other worktree are
+    left alone. Returns the paths removed.
+    """
+    removed = []
+    host = socket.gethostname()
+    for entry in _worktrees(root)[1:]:
+        match = LOCK_REASON.fullmatch(entry.get("locked", ""))
+        if not match or match["host"] != host or _pid_alive(int(match["pid"])):
+            continue
+        path = Path(entry["worktree"])
+        _git(root, "worktree", "unlock", str(path), check=False)
+        _git(root, "worktree", "remove", "--force", str(path), check=False)
+        if path.parent.name.startswith(WORKTREE_PREFIX):
+            shutil.rmtree(path.parent, ignore_errors=True)
+        removed.append(str(path))
+    _git(root, "worktree", "prune")  # records of worktrees whose folder is gone
+    return removed
+
+
 def _add_worktree(root: Path, where: Path) -> None:
     """A detached worktree of HEAD whose DVC cache is the main repo's (no data copied twice)."""
     from dvc.repo import Repo
 
-    _git(root, "worktree", "add", "--detach", str(where), "HEAD")
+    # locked with this process's id: prune_stale_worktrees removes it only once we are gone
+    lock = ("--lock", "--reason", _lock_reason())
+    _git(root, "worktree", "add", "--detach", *lock, str(where), "HEAD")
     with Repo(str(root)) as main:
         cache_dir = main.cache.local_cache_dir
     with Repo(str(where)) as wt, wt.config.edit("local") as conf:
@@ -128,6 +228,7 @@ def _add_worktree(root: Path, where: Path) -> None:
 
 
 def _remove_worktree(root: Path, where: Path) -> None:
+    _git(root, "worktree", "unlock", str(where), check=False)
     proc = _git(root, "worktree", "remove", "--force", str(where), check=False)
     if proc.returncode != 0:
         # the folder is gone or broken: drop the leftover bookkeeping instead
@@ -145,9 +246,13 @@ def _promote(worktree: Path, tag: str, message: str) -> str:
     _git(worktree, "add", "--", "dvc.lock", "params.yaml", "data")
     _git(worktree, *identity, "commit", "--allow-empty", "-q", "-m", message)
     commit = _git(worktree, "rev-parse", "HEAD").stdout.strip()
-    # the tag is the promotion: created last, in one atomic ref update
-    _git(worktree, *identity, "tag", "-a", tag, "-m", message, commit)
+    _tag(worktree, identity, tag, message, commit)
     return commit
+
+
+def _tag(worktree: Path, identity: tuple[str, ...], tag: str, message: str, commit: str) -> None:
+    """The promotion itself: created last, in one atomic ref update (refuses an existing tag)."""
+    _git(worktree, *identity, "tag", "-a", tag, "-m", message, commit)
 
 
 def decision_markdown(
@@ -185,10 +290,15 @@ def retrain(root: str = ".", overrides: list[str] | None = None) -> dict[str, An
     from tasks.config import load_params
 
     logger = get_run_logger()
+    overrides = list(overrides or [])
+    check_overrides(overrides)
     repo_root = Path(_git(Path(root), "rev-parse", "--show-toplevel").stdout.strip())
     if _git(repo_root, "rev-parse", "--verify", "--quiet", "HEAD", check=False).returncode:
         raise RetrainError(f"{repo_root}: no commit yet; commit the pipeline first")
-    overrides = list(overrides or [])
+    for path in prune_stale_worktrees(repo_root):
+        logger.warning("removed the worktree of a retrain run that died: %s", path)
+    # the bar the challenger is judged by: HEAD's, as committed, before any override
+    rules = committed_rules(repo_root)
     champion = latest_champion(repo_root)
     champion_tag, champion_n = champion if champion else (None, 0)
     logger.info("champion: %s", champion_tag or "none yet")
@@ -199,8 +309,8 @@ def retrain(root: str = ".", overrides: list[str] | None = None) -> dict[str, An
         _add_worktree(repo_root, worktree)
         if overrides:
             apply_overrides(worktree / "params.yaml", overrides)
-        # read once here (overrides included); bad overrides fail before any training
-        rules = load_params(worktree / "params.yaml").retrain
+        # validated here (overrides included): bad overrides fail before any training
+        load_params(worktree / "params.yaml")
         training_pipeline(root=str(worktree), baseline=champion_tag)
 
         challenger_metrics = json.loads((worktree / EVAL_METRICS).read_text())

@@ -6,6 +6,7 @@ A model file is a plain dict of tensors and builtins, so it loads with
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,14 +26,20 @@ class SeedCNN(nn.Module):
 
     (B, 1, 28, 28) -conv3-> 26 -pool-> 13 -conv3-> 11 -pool-> 5 -conv3-> 3 -pool-> 1
     so the flattened feature vector is exactly 64 wide.
+
+    Each block is written Conv -> MaxPool -> ReLU rather than the report's Conv -> ReLU ->
+    MaxPool: the two compute the same function bit for bit (ReLU is monotonic, so
+    max(relu(a), relu(b)) == relu(max(a, b)), and the gradients match too), but pooling
+    first applies ReLU and its backward to 4x fewer values. The parameter names are the
+    same either way (features.0/3/6 are the convs), so model files load in both orders.
     """
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, 64, 3), nn.MaxPool2d(2), nn.ReLU(),
+            nn.Conv2d(64, 64, 3), nn.MaxPool2d(2), nn.ReLU(),
+            nn.Conv2d(64, 64, 3), nn.MaxPool2d(2), nn.ReLU(),
         )  # fmt: skip
         self.classifier = nn.Sequential(
             nn.Flatten(),
@@ -46,11 +53,14 @@ class SeedCNN(nn.Module):
 
 
 def _conv_block(c_in: int, c_out: int, kernel: int, batchnorm: bool) -> list[nn.Module]:
-    """'same'-padded conv (+ BatchNorm) + ReLU + 2x2 max-pool: halves H and W (floor)."""
+    """'same'-padded conv (+ BatchNorm) + 2x2 max-pool + ReLU: halves H and W (floor).
+
+    Pool before ReLU: the same function as ReLU before pool (see SeedCNN), 4x cheaper ReLU.
+    """
     # a conv followed by BatchNorm needs no bias: BN's shift replaces it
     conv = nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=not batchnorm)
     norm = nn.BatchNorm2d(c_out) if batchnorm else nn.Identity()
-    return [conv, norm, nn.ReLU(), nn.MaxPool2d(2)]
+    return [conv, norm, nn.MaxPool2d(2), nn.ReLU()]
 
 
 class ImprovedCNN(nn.Module):
@@ -164,10 +174,16 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> LoadedModel:
         raise ModelFileError(f"model file not found: {path}")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # the unpickler refuses code; zip/pickle errors for junk
+    except pickle.UnpicklingError as exc:  # the weights-only unpickler met code or objects
+        # (torch's own message suggests weights_only=False: never repeat that advice)
         raise ModelFileError(
-            f"{path} is not a digitflow model file (refused to load: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+            f"{path} is not a digitflow model file: it holds pickled objects other than "
+            "tensors and plain data, which digitflow never loads"
+        ) from exc
+    except Exception as exc:  # zip/pickle errors for junk, truncation
+        raise ModelFileError(
+            f"{path} is not a digitflow model file (not a readable PyTorch file: "
+            f"{type(exc).__name__})"
         ) from exc
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ModelFileError(f"{path} is not a digitflow model file (no '{FORMAT}' header)")

@@ -163,6 +163,26 @@ def arch_kwargs(params: TrainParams) -> dict[str, Any]:
     return {"batchnorm": params.batchnorm, "dropout": params.dropout}
 
 
+def init_weights(model: nn.Module, scheme: str) -> nn.Module:
+    """Re-initialize conv and linear layers: ``glorot`` (zero bias) or ``torch`` (as built).
+
+    PyTorch's layer default (kaiming-uniform with a=sqrt(5): weight variance 1/(3 fan_in))
+    shrinks the activations' variance ~6x per ReLU layer, so the seed CNN's logits start
+    near zero and its first epochs are slow. Glorot keeps the variance roughly constant
+    (it is Keras' default, the usual home of this 64-64-64 / 64-32-10 design); measured on
+    real MNIST, 5 epochs of the seed recipe: 97.3-97.9 % with torch init, 97.9-98.4 % with
+    glorot (3 seeds; README). BatchNorm layers keep their defaults (weight 1, bias 0).
+    """
+    if scheme == "torch":
+        return model
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return model
+
+
 def build_training(
     params: TrainParams, device: torch.device, n_train: int
 ) -> tuple[
@@ -173,7 +193,8 @@ def build_training(
     ``step_model`` is what the training steps call: ``model`` itself, or its torch.compile
     wrapper (which shares its parameters; ``model`` stays the one to evaluate and save).
     """
-    model = build_model(params.model, **arch_kwargs(params)).to(device)
+    model = init_weights(build_model(params.model, **arch_kwargs(params)), params.init)
+    model = model.to(device)
     if params.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=params.lr)
@@ -231,6 +252,8 @@ def train(
     fingerprint = _fingerprint(params, train_path, val_path)
     history: list[dict[str, float]] = []
     start = 0
+    # train.keep = best: the weights of the epoch with the highest validation accuracy so far
+    best: dict[str, Any] = {"epoch": 0, "val_accuracy": -1.0, "state": None}
     if checkpoint_path.is_file():
         ckpt = torch.load(checkpoint_path, map_location=device, weights_only=True)
         if ckpt.get("format") == CHECKPOINT_FORMAT and ckpt.get("fingerprint") == fingerprint:
@@ -240,6 +263,7 @@ def train(
                 scheduler.load_state_dict(ckpt["scheduler"])
             torch.set_rng_state(ckpt["rng_state"])
             history, start = list(ckpt["history"]), int(ckpt["epoch"])
+            best = dict(ckpt["best"])
             log.info("resuming from %s after epoch %d", checkpoint_path, start)
         else:
             log.info(
@@ -272,6 +296,9 @@ def train(
             }  # fmt: skip
             history.append(row)
             _log_epoch(live, row)
+            if val_acc > best["val_accuracy"]:  # strict: ties keep the earlier epoch
+                state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                best = {"epoch": epoch, "val_accuracy": val_acc, "state": state}
             log.info(
                 "epoch %d/%d loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f",
                 epoch, params.epochs, loss, acc, val_loss, val_acc,
@@ -286,15 +313,22 @@ def train(
                     "scheduler": scheduler.state_dict() if scheduler is not None else {},
                     "rng_state": torch.get_rng_state(),
                     "history": history,
+                    "best": best,
                 },
                 checkpoint_path,
             )
+        kept = best["epoch"] if params.keep == "best" else history[-1]["epoch"]
+        # which epoch's weights the model file holds (the curves above cover every epoch);
+        # written to metrics.json when the Live context ends
+        live.summary["kept_epoch"] = kept
 
-    final = history[-1]
+    if params.keep == "best" and best["epoch"] != history[-1]["epoch"]:
+        model.load_state_dict(best["state"])
+        log.info("keeping epoch %d (best validation accuracy %.4f)", kept, best["val_accuracy"])
     save_model(
         model_path, model, arch=params.model, mean=mean, std=std,
         params=to_dict(params), arch_kwargs=arch_kwargs(params),
-        metrics={k: v for k, v in final.items() if k != "epoch"},
+        metrics=history[kept - 1],  # the kept epoch's row: epoch, loss, accuracies
         history=history,
     )  # fmt: skip
     checkpoint_path.unlink(missing_ok=True)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from benchmarks.flow_overhead import copy_sources
+from benchmarks.flow_overhead import DVC, FLOW, abba_order, copy_sources, summarize
 from flows.pipeline import (
     ARTIFACT_CONFUSION,
     ARTIFACT_METRICS,
@@ -28,7 +30,7 @@ from flows.pipeline import (
     stage_graph,
     training_pipeline,
 )
-from flows.retrain import ARTIFACT_DECISION, judge, retrain
+from flows.retrain import ARTIFACT_DECISION, committed_rules, judge, retrain
 from tasks.config import RetrainParams
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -200,8 +202,51 @@ def test_failing_download_is_retried_then_fails_the_flow_with_its_message(
     assert [r.name for r in runs] == ["download"]  # nothing downstream was attempted
     assert runs[0].run_count == 3  # 1 try + pipeline.download_retries (2)
     assert runs[0].state.is_failed()
-    _wait_for_log(state.state_details.flow_run_id, str(missing))
+    # exponential backoff: pipeline.retry_delay_s (0.1) first, doubling on each further retry
+    policy = runs[0].empirical_policy
+    assert policy.retries == 2
+    assert policy.retry_delay == pytest.approx([0.1, 0.2])
+    logs = _wait_for_log(state.state_details.flow_run_id, "Retry 2/2")
+    assert "Retry 1/2 will start 0.1 second(s) from now" in logs
+    assert "Retry 2/2 will start 0.2 second(s) from now" in logs
+    assert str(missing) in logs
     assert not (repo / "dvc.lock").exists()
+
+
+def _patch_source(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{path} no longer has {old!r}: update this test"
+    path.write_text(text.replace(old, new))
+
+
+def test_stage_commands_import_the_code_of_the_repo_being_reproduced(
+    prefect_api: None, tiny_env: Path, tmp_path: Path
+) -> None:
+    """Not the editable install's tree (this checkout): a retrain worktree runs its own code."""
+    repo = make_repo(tmp_path / "repo")
+    dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
+    dvc_yaml["stages"] = {"download": dvc_yaml["stages"]["download"]}  # cheap: one stage
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+    # harmless edits of this repo's copy of the code the stage command runs
+    _patch_source(
+        repo / "tasks/download.py",
+        'log.info("%s <- %s", target, source)',
+        'log.info("%s <- %s [tasks of the reproduced repo]", target, source)',
+    )
+    _patch_source(
+        repo / "flows/cli.py",
+        'typer.echo(f"downloaded {len(files)} files to {out}")',
+        'typer.echo(f"downloaded {len(files)} files to {out} [flows of the reproduced repo]")',
+    )
+
+    state = training_pipeline(root=str(repo), return_state=True)
+
+    assert state.is_completed(), state.message
+    logs = _wait_for_log(state.state_details.flow_run_id, "[flows of the reproduced repo]")
+    assert "[tasks of the reproduced repo]" in logs
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    dep = next(d for d in lock["stages"]["download"]["deps"] if d["path"] == "tasks/download.py")
+    assert dep["md5"] == _md5(repo / "tasks/download.py")  # the code that ran is the one recorded
 
 
 def test_pipeline_runs_stages_in_order_resumes_after_a_failure_and_skips_when_up_to_date(
@@ -287,6 +332,78 @@ def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
+def _worktree_paths(repo: Path) -> list[Path]:
+    lines = _run(repo, "git", "worktree", "list", "--porcelain").splitlines()
+    return [Path(line.split(" ", 1)[1]).resolve() for line in lines if line.startswith("worktree ")]
+
+
+def test_retrain_rules_are_read_from_head_as_committed(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo")
+    _edit_params(repo, retrain={"min_improvement": 0.25, "max_class_drop": 0.5})
+    _run(repo, "git", "commit", "-qam", "stricter rules")
+    _edit_params(repo, retrain={"min_improvement": -1.0, "max_class_drop": 1.0})  # uncommitted
+    assert committed_rules(repo) == RetrainParams(min_improvement=0.25, max_class_drop=0.5)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("retrain.min_improvement=-1", "retrain.min_improvement"), ("~retrain", "retrain")],
+)
+def test_retrain_refuses_overrides_of_its_promotion_rules(
+    prefect_api: None, tmp_path: Path, override: str, key: str
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    before = _snapshot(repo)
+    state = retrain(root=str(repo), overrides=["train.epochs=2", override], return_state=True)
+    assert state.is_failed()
+    assert f"promotion rule {key!r}" in state.message and override in state.message
+    assert _tags(repo) == [] and _snapshot(repo) == before  # refused before any worktree
+
+
+def test_retrain_crash_before_the_tag_promotes_nothing_and_stale_worktrees_are_pruned(
+    prefect_api: None, tiny_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    before = _snapshot(repo)
+    host = socket.gethostname()
+    # left by a retrain that was killed: its locked worktree (pid now gone) is still on disk
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = tmp_path / "digitflow-retrain-killed" / "challenger"
+    _run(repo, "git", "worktree", "add", "--detach", "--lock", "--reason",
+         f"digitflow retrain pid {dead.pid} on {host}", str(killed), "HEAD")  # fmt: skip
+    # ... and one whose folder is gone (temp files cleaned): only git's record is left
+    gone = tmp_path / "gone"
+    _run(repo, "git", "worktree", "add", "--detach", str(gone), "HEAD")
+    shutil.rmtree(gone)
+    # a concurrent retrain, still running (this process), keeps its worktree
+    live = tmp_path / "digitflow-retrain-live" / "challenger"
+    _run(repo, "git", "worktree", "add", "--detach", "--lock", "--reason",
+         f"digitflow retrain pid {os.getpid()} on {host}", str(live), "HEAD")  # fmt: skip
+
+    committed: list[str] = []
+
+    def crash(worktree: Path, identity: Any, tag: str, message: str, commit: str) -> None:
+        committed.append(commit)
+        raise RuntimeError(f"killed after the commit, before tagging {tag}")
+
+    monkeypatch.setattr("flows.retrain._tag", crash)
+    state = retrain(root=str(repo), return_state=True)
+
+    assert state.is_failed() and "before tagging model@v1" in state.message
+    assert len(committed) == 1  # the promotion commit was made ...
+    assert _run(repo, "git", "cat-file", "-t", committed[0]).strip() == "commit"
+    assert _tags(repo) == []  # ... but no tag: no new champion
+    refs = _run(repo, "git", "for-each-ref", "--contains", committed[0])
+    assert refs == ""  # and nothing else points at it
+    assert not killed.parent.exists()
+    assert _worktree_paths(repo) == [repo.resolve(), live.resolve()]
+    _run(repo, "git", "worktree", "unlock", str(live))
+    _run(repo, "git", "worktree", "remove", "--force", str(live))
+    assert _snapshot(repo) == before  # HEAD, branch, working tree; only the main worktree
+    assert _worktree_paths(repo) == [repo.resolve()]
+
+
 def test_retrain_promotes_a_better_challenger_and_rejects_a_worse_one(
     prefect_api: None, tiny_env: Path, tmp_path: Path
 ) -> None:
@@ -345,10 +462,22 @@ def test_serve_refuses_the_ephemeral_api_with_what_to_run(tmp_path: Path) -> Non
     assert "prefect server start" in proc.stderr and "PREFECT_API_URL" in proc.stderr
 
 
+def test_serve_refuses_overrides_of_the_promotion_rules(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    proc = subprocess.run(
+        [str(Path(BIN) / "digitflow"), "serve", "-S", "retrain.max_class_drop=1"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "retrain.max_class_drop" in proc.stderr and "committed at HEAD" in proc.stderr
+
+
 def test_serve_creates_a_deployment_with_the_cron_schedule(
     prefect_api: None, tmp_path: Path
 ) -> None:
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import DeploymentStatus
     from prefect.settings import PREFECT_API_URL
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -363,21 +492,62 @@ def test_serve_creates_a_deployment_with_the_cron_schedule(
     try:
         deadline = time.monotonic() + 60  # CLI start-up plus deployment registration
         with get_client(sync_client=True) as client:
-            while deployment is None and time.monotonic() < deadline:
+            # until the runner polls for its runs (the deployment turns READY): only a
+            # started runner pauses its schedules when stopped
+            while time.monotonic() < deadline:
                 assert proc.poll() is None, proc.communicate()[0]
                 try:
                     deployment = client.read_deployment_by_name("retrain/test-serve")
                 except Exception:  # ObjectNotFound until the runner has registered it
-                    time.sleep(POLL_S)
+                    deployment = None
+                if deployment is not None and deployment.status == DeploymentStatus.READY:
+                    break
+                time.sleep(POLL_S)
     finally:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # what Ctrl-C / a service stop does
         try:
-            proc.wait(timeout=30)
+            output = proc.communicate(timeout=30)[0]
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
+            output = proc.communicate()[0]
     assert deployment is not None, "the served deployment never appeared"
+    assert deployment.status == DeploymentStatus.READY, "the runner never polled"
+    assert not deployment.paused
     assert [s.schedule.cron for s in deployment.schedules] == [cron]
     assert deployment.parameters == {"root": str(tmp_path.resolve()), "overrides": []}
     assert deployment.entrypoint == "flows.retrain.retrain"
-    assert proc.returncode is not None  # the runner stopped
+
+    # stopped: a graceful exit that paused the schedule (no runs pile up with no runner)
+    assert proc.returncode == 0, output
+    with get_client(sync_client=True) as client:
+        stopped = client.read_deployment(deployment.id)
+    assert stopped.paused, output
+    assert [s.schedule.cron for s in stopped.schedules] == [cron]
+
+
+# --- the overhead benchmark's bookkeeping (the benchmark itself runs on real MNIST) ----
+
+
+def test_overhead_benchmark_alternates_the_order_and_judges_medians() -> None:
+    order = abba_order(2)
+    assert order == [DVC, FLOW, FLOW, DVC]
+    order = abba_order(4)
+    for tool in (DVC, FLOW):  # each tool equally often, at the same mean position
+        assert order.count(tool) == 4
+        assert sum(i for i, t in enumerate(order) if t == tool) == sum(range(8)) / 2
+
+    def runs(walls: list[float], cpus: list[float]) -> list[dict[str, float]]:
+        return [{"wall_s": w, "cpu_s": c} for w, c in zip(walls, cpus, strict=True)]
+
+    # one disturbed dvc run (500 s) moves the mean, not the median: +7.8 % wall
+    summary = summarize(
+        {DVC: runs([100, 102, 500], [90, 90, 90]), FLOW: runs([108, 110, 111], [95, 99, 99])},
+        limit_pct=10,
+    )
+    assert summary["wall_s"]["overhead_pct"] == pytest.approx(100 * 8 / 102, abs=0.01)
+    assert summary["wall_s"]["pass"] and summary["cpu_s"]["pass"] and summary["pass"]
+    # 10 % more CPU than the limit allows: FAIL overall even though wall time passes
+    summary = summarize(
+        {DVC: runs([100, 100], [90, 90]), FLOW: runs([105, 105], [100, 100])}, limit_pct=10
+    )
+    assert summary["wall_s"]["pass"] and not summary["cpu_s"]["pass"] and not summary["pass"]

@@ -44,9 +44,11 @@ def test_pickle_carrying_code_is_refused_and_not_executed(tmp_path: Path):
     _Boom.target = str(marker)
     evil = tmp_path / "evil.pt"
     torch.save({"format": "digitflow-model", "payload": _Boom()}, evil)
-    with pytest.raises(ModelFileError, match="not a digitflow model file"):
+    with pytest.raises(ModelFileError, match="not a digitflow model file") as refused:
         load_model(evil)
     assert not marker.exists()
+    assert "pickled objects" in str(refused.value)
+    assert "weights_only=False" not in str(refused.value)  # never advise unsafe loading
     # a plain pickle (not torch's zip format) is refused too
     raw = tmp_path / "raw.pkl"
     raw.write_bytes(pickle.dumps(_Boom()))

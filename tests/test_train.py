@@ -10,7 +10,7 @@ import torch
 
 from tasks.config import NormalizeParams, TrainParams
 from tasks.model import SeedCNN, load_model
-from tasks.train import train
+from tasks.train import init_weights, train
 
 
 def _run(prepared: Path, out: Path, **kw) -> object:
@@ -49,6 +49,79 @@ def test_loss_goes_down_and_model_file_is_self_describing(tiny_prepared: Path, t
     assert metrics["val"]["accuracy"] == pytest.approx(result.history[-1]["val_accuracy"])
     tsv = (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
     assert len(tsv) == 1 + 3
+
+
+def _weights_equal(a, b) -> bool:
+    wa, wb = a.model.state_dict(), b.model.state_dict()
+    return all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_pool_before_relu_is_the_reports_network_bit_for_bit():
+    """SeedCNN pools before ReLU; the report's order (ReLU, then pool) gives identical numbers."""
+    torch.manual_seed(0)
+    ours = SeedCNN()
+    f = ours.features
+    reports = torch.nn.Sequential(
+        f[0], torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        f[3], torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        f[6], torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        ours.classifier,
+    )  # fmt: skip
+    x = torch.rand(8, 1, 28, 28) - 0.3  # negative pixels too: whole pooling windows below 0
+    grads = []
+    for net in (ours, reports):
+        net.zero_grad()
+        out = net(x)
+        out.square().sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in ours.parameters()]))
+    (out_a, g_a), (out_b, g_b) = grads
+    assert torch.equal(out_a, out_b)
+    assert all(torch.equal(a, b) for a, b in zip(g_a, g_b, strict=True))
+
+
+def test_glorot_init_is_uniform_within_bound_with_zero_bias():
+    torch.manual_seed(0)
+    model = init_weights(SeedCNN(), "glorot")
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            fan_in = m.weight[0].numel()
+            fan_out = m.weight.shape[0] * m.weight[0, 0].numel()
+            bound = (6 / (fan_in + fan_out)) ** 0.5
+            assert m.weight.abs().max() <= bound and m.weight.abs().max() > 0.9 * bound
+            assert torch.count_nonzero(m.bias) == 0
+    torch.manual_seed(0)
+    default = SeedCNN()
+    assert init_weights(default, "torch") is default
+    assert torch.count_nonzero(default.features[0].bias) > 0  # PyTorch's defaults, untouched
+
+
+def test_keep_best_saves_the_best_validation_epoch(
+    tiny_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import tasks.train as tr
+
+    # the weights after epoch 1 (constant learning rate: the first epoch is the same in any run)
+    one = load_model(_run(tiny_prepared, tmp_path / "one", epochs=1, keep="last").model_path)
+
+    # make validation say epoch 1 was the best of three: the real accuracy, scaled down later
+    real, calls = tr.evaluate_arrays, []
+
+    def worse_after_first(*args, **kwargs):
+        loss, acc, pred = real(*args, **kwargs)
+        calls.append(1)
+        return loss, acc / len(calls), pred
+
+    monkeypatch.setattr(tr, "evaluate_arrays", worse_after_first)
+    best = _run(tiny_prepared, tmp_path / "best", epochs=3, keep="best")
+    calls.clear()
+    last = _run(tiny_prepared, tmp_path / "last", epochs=3, keep="last")
+    assert [r["epoch"] for r in best.history] == [1, 2, 3]  # every epoch still trained and logged
+    kept, final = load_model(best.model_path), load_model(last.model_path)
+    assert kept.metrics["epoch"] == 1 and final.metrics["epoch"] == 3
+    assert _weights_equal(kept, one)
+    assert not _weights_equal(final, one)
+    summary = json.loads((tmp_path / "best" / "live" / "metrics.json").read_text())
+    assert summary["kept_epoch"] == 1
 
 
 def test_same_seed_same_numbers(tiny_prepared: Path, tmp_path: Path):
@@ -98,6 +171,8 @@ def test_interrupted_run_resumes_from_checkpoint(
     resumed = _run(tiny_prepared, part, epochs=2)
     assert resumed.resumed_from_epoch == 1
     assert resumed.history == full.history  # resuming gives exactly the uninterrupted numbers
+    # ... and the same kept weights (the best epoch so far travels in the checkpoint)
+    assert _weights_equal(load_model(resumed.model_path), load_model(full.model_path))
 
 
 def test_checkpoint_of_another_run_is_ignored(tiny_prepared: Path, tmp_path: Path):
