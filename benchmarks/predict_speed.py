@@ -15,6 +15,17 @@ subprocess (start-up, model load and CSV writing included):
 
 Peak memory is the CLI process's max RSS (getrusage of a one-child wrapper).
 
+The targets are checked and printed as PASS / FAIL / SKIP lines (exit code 1 if
+any fails) and recorded with the results in benchmarks/results/predict_speed.json:
+
+* 10,000 MNIST PNGs: >= 2,000 images/s, accuracy within 0.1 percentage point of
+  data/evaluate/metrics.json's ``accuracy`` (the evaluate stage, same model);
+* 2,000 photo-like JPEGs: >= 300 images/s, accuracy >= 97 %;
+* every run: peak RSS <= 1.5 GB; with ``--large``, the 100,000-file peak within
+  +10 % of the 10,000-file one (memory does not grow with the folder).
+
+Smaller sets (``--mnist``, ``--photos``: smoke runs) skip the speed and accuracy targets.
+
     flock /tmp/digitflow-cpu.lock .venv/bin/python -m benchmarks.predict_speed \\
         --model data/model/model.pt [--large]
 """
@@ -42,6 +53,15 @@ from tasks.model import load_model, normalize_uint8
 from tasks.preprocess import naive_28
 
 ROOT = Path(__file__).resolve().parents[1]
+# Targets (see the module docstring)
+MNIST_FILES, PHOTO_FILES = 10_000, 2_000  # the set sizes the targets are for
+MNIST_MIN_RATE = 2_000  # images/s, end to end
+MNIST_ACCURACY_TOLERANCE = 0.001  # absolute: 0.1 percentage point of the evaluate stage's
+PHOTO_MIN_RATE = 300  # images/s, end to end
+PHOTO_MIN_ACCURACY = 0.97
+PEAK_RSS_LIMIT_MB = 1.5e9 / 2**20  # 1.5 GB, in the MiB that peak_rss_mb counts
+LARGE_PEAK_GROWTH = 0.10  # 100k files may peak at most 10 % above 10k files
+LARGE_RUN = "mnist-png x10 (100k)"
 PHOTO_SIZE = (480, 640)  # (height, width) of the rendered photos
 DIGIT_HEIGHT = (0.2, 0.8)  # digit height as a fraction of the frame height
 JPEG_QUALITY = 90
@@ -194,12 +214,91 @@ def naive_inverted_accuracy(model_path: Path, folder: Path, labels: np.ndarray) 
     return model_accuracy(model_path, images, labels[: len(files)])
 
 
+def _check(name: str, value: str, target: str, passed: bool | None, note: str = "") -> dict:
+    return {"check": name, "value": value, "target": target, "passed": passed, "note": note}
+
+
+def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target as {check, value, target, passed (None: skipped), note}."""
+    runs = results["runs"]
+    checks = []
+    png, photo = runs["mnist-png"], runs["photo-jpeg"]
+    full_png = png["files"] == MNIST_FILES
+    smoke = "smoke run: {} files, the target is for {:,}"
+    skip_png = "" if full_png else smoke.format(png["files"], MNIST_FILES)
+    checks.append(
+        _check(
+            "mnist-png speed", f"{png['images_per_s']:.0f} img/s", f">= {MNIST_MIN_RATE} img/s",
+            png["images_per_s"] >= MNIST_MIN_RATE if full_png else None, skip_png,
+        )
+    )  # fmt: skip
+    expected = results.get("evaluate_accuracy")
+    if expected is None:
+        passed, note = None, f"no evaluate metrics ({results['metrics_file']})"
+    else:
+        passed = abs(png["accuracy"] - expected) <= MNIST_ACCURACY_TOLERANCE if full_png else None
+        note = skip_png
+    checks.append(
+        _check(
+            "mnist-png accuracy", f"{png['accuracy']:.2%}",
+            f"{expected:.2%} ± {MNIST_ACCURACY_TOLERANCE:.1%} (evaluate stage)"
+            if expected is not None else "the evaluate stage's ± 0.1 %",
+            passed, note,
+        )
+    )  # fmt: skip
+    full_photo = photo["files"] == PHOTO_FILES
+    skip_photo = "" if full_photo else smoke.format(photo["files"], PHOTO_FILES)
+    checks.append(
+        _check(
+            "photo-jpeg speed", f"{photo['images_per_s']:.0f} img/s", f">= {PHOTO_MIN_RATE} img/s",
+            photo["images_per_s"] >= PHOTO_MIN_RATE if full_photo else None, skip_photo,
+        )
+    )  # fmt: skip
+    checks.append(
+        _check(
+            "photo-jpeg accuracy", f"{photo['accuracy']:.2%}", f">= {PHOTO_MIN_ACCURACY:.0%}",
+            photo["accuracy"] >= PHOTO_MIN_ACCURACY if full_photo else None, skip_photo,
+        )
+    )  # fmt: skip
+    for name, run in runs.items():
+        checks.append(
+            _check(
+                f"{name} peak memory", f"{run['peak_rss_mb']:.0f} MB",
+                f"<= {PEAK_RSS_LIMIT_MB:.0f} MB (1.5 GB)", run["peak_rss_mb"] <= PEAK_RSS_LIMIT_MB,
+            )
+        )  # fmt: skip
+    big = runs.get(LARGE_RUN)
+    limit = png["peak_rss_mb"] * (1 + LARGE_PEAK_GROWTH)
+    checks.append(
+        _check(
+            "peak memory flat 10k -> 100k files",
+            f"{big['peak_rss_mb']:.0f} MB vs {png['peak_rss_mb']:.0f} MB" if big else "-",
+            f"<= {limit:.0f} MB (+{LARGE_PEAK_GROWTH:.0%})",
+            big["peak_rss_mb"] <= limit if big else None,
+            "" if big else "needs --large",
+        )
+    )
+    return checks
+
+
+def print_checks(checks: list[dict[str, Any]]) -> None:
+    for c in checks:
+        word = {True: "PASS", False: "FAIL", None: "SKIP"}[c["passed"]]
+        note = f" ({c['note']})" if c["note"] else ""
+        print(f"{word}: {c['check']}: {c['value']} (target {c['target']}){note}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=ROOT / "data/model/model.pt")
     ap.add_argument("--test", type=Path, default=ROOT / "data/prepared/test.npz")
-    ap.add_argument("--photos", type=int, default=2000, help="photo-like JPEGs to render")
+    ap.add_argument("--mnist", type=int, default=MNIST_FILES, help="MNIST test PNGs to write")
+    ap.add_argument("--photos", type=int, default=PHOTO_FILES, help="photo-like JPEGs to render")
     ap.add_argument("--large", action="store_true", help="also run 100,000 PNGs (memory)")
+    ap.add_argument(
+        "--metrics", type=Path, default=ROOT / "data/evaluate/metrics.json",
+        help="the evaluate stage's metrics (its accuracy is the MNIST PNGs' target)",
+    )  # fmt: skip
     ap.add_argument("--workdir", type=Path, default=None, help="keep the images here")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/predict_speed.json")
     ap.add_argument("--make-inbox", type=Path, help="only write the data/inbox examples here")
@@ -212,20 +311,24 @@ def main() -> None:
         sys.exit(f"no model at {args.model}: run `dvc repro train` or pass --model")
 
     images, labels = load_arrays(args.test)
+    n_mnist = min(args.mnist, len(images))
     work = args.workdir or Path(tempfile.mkdtemp(prefix="predict_speed_"))
+    evaluate = json.loads(args.metrics.read_text()) if args.metrics.is_file() else {}
     results: dict[str, Any] = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
         "model": str(args.model),
         "test_accuracy": model_accuracy(args.model, images, labels),
+        "metrics_file": str(args.metrics),
+        "evaluate_accuracy": evaluate.get("accuracy"),
         "runs": {},
     }
     try:
-        png = work / "mnist_png"
+        png = work / f"mnist_png_{n_mnist}"
         if not png.exists():
-            write_pngs(png, images, labels)
+            write_pngs(png, images[:n_mnist], labels[:n_mnist])
         results["runs"]["mnist-png"] = run_predict(png, args.model, work / "png.csv")
 
-        photos = work / "photo_jpeg"
+        photos = work / f"photo_jpeg_{args.photos}"
         if not photos.exists():
             write_photos(photos, images[: args.photos], labels[: args.photos], seed=0)
         results["runs"]["photo-jpeg"] = run_predict(photos, args.model, work / "photo.csv")
@@ -242,11 +345,12 @@ def main() -> None:
             big = work / "mnist_png_100k"
             if not big.exists():
                 write_pngs(big, images, labels, repeat=10)
-            results["runs"]["mnist-png x10 (100k)"] = run_predict(big, args.model, work / "big.csv")
+            results["runs"][LARGE_RUN] = run_predict(big, args.model, work / "big.csv")
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
 
+    results["checks"] = check_targets(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"model {results['model']}: test accuracy {results['test_accuracy']:.4f}")
@@ -262,7 +366,10 @@ def main() -> None:
         f"{results['photo_naive_inverted_accuracy']:.2%}; the same digits as MNIST 28x28: "
         f"{results['photo_digits_as_mnist_accuracy']:.2%}"
     )
+    print_checks(results["checks"])
     print(f"wrote {args.out}")
+    if any(c["passed"] is False for c in results["checks"]):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ from tasks.predict import (
 # Locally, one chunk at a time: a chunk already keeps every core busy (decode threads
 # overlapping inference); more chunks at once would only hold more rows in memory.
 LOCAL_CHUNKS_AT_ONCE = 1
+# Seconds to reach the Dask scheduler (distributed's default is 30): a wrong or dead
+# address is a usage error, reported before the flow starts.
+DASK_CONNECT_TIMEOUT_S = 5
 
 
 @task(name="predict-chunk", cache_policy=NO_CACHE, persist_result=False)
@@ -96,6 +99,30 @@ def batch_predict(
     return summary
 
 
+def check_dask_scheduler(address: str, timeout: float = DASK_CONNECT_TIMEOUT_S) -> None:
+    """Connect to the Dask scheduler once; PredictUsageError when it cannot be reached.
+
+    A bare comm (distributed's connect and handshake), not a Client: a Client that
+    failed to connect would still try to close itself at exit, with a traceback.
+    """
+    import asyncio
+
+    from distributed.comm import connect
+
+    async def probe() -> None:
+        comm = await connect(address, timeout=timeout)  # retries until the timeout
+        await comm.close()
+
+    try:
+        asyncio.run(probe())
+    except (OSError, TimeoutError, ValueError) as exc:  # refused, timed out, bad address
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PredictUsageError(
+            f"cannot reach the Dask scheduler at {address} ({reason}); "
+            "check --dask-address (e.g. tcp://scheduler:8786) and that `dask scheduler` runs"
+        ) from exc
+
+
 def run_batch_predict(
     inputs: Sequence[Path | str],
     model_path: Path,
@@ -108,12 +135,20 @@ def run_batch_predict(
     debug_dir: Path | None = None,
     dask_address: str | None = None,
 ) -> PredictSummary:
-    """Run the flow on local threads, or on the Dask scheduler at ``dask_address``."""
+    """Run the flow on local threads, or on the Dask scheduler at ``dask_address``.
+
+    Raises PredictUsageError when the scheduler cannot be reached within
+    ``DASK_CONNECT_TIMEOUT_S`` seconds.
+    """
     flow_ = batch_predict
     if dask_address:
         from prefect_dask import DaskTaskRunner
 
-        flow_ = batch_predict.with_options(task_runner=DaskTaskRunner(address=dask_address))
+        check_dask_scheduler(dask_address)
+        runner = DaskTaskRunner(
+            address=dask_address, client_kwargs={"timeout": DASK_CONNECT_TIMEOUT_S}
+        )
+        flow_ = batch_predict.with_options(task_runner=runner)
     t0 = time.perf_counter()
     summary = flow_(
         inputs=[str(p) for p in inputs],

@@ -18,8 +18,12 @@ if TYPE_CHECKING:
     from tasks.config import PredictParams
     from tasks.predict import PredictSummary
 
+# Defaults, relative to the project: the nearest folder, from the current one up, that
+# holds dvc.yaml (so `digitflow predict` works from any subfolder); without one, relative
+# to the current folder.
 DEFAULT_MODEL = Path("data/model/model.pt")  # the training pipeline's model
 DEFAULT_PARAMS = Path("params.yaml")
+PROJECT_MARKER = "dvc.yaml"
 MAX_PROBLEMS_SHOWN = 10  # non-ok rows listed on stderr; the output file has them all
 
 
@@ -33,7 +37,14 @@ PathsArg = Annotated[
     typer.Argument(help="image files, folders (searched recursively) or glob patterns"),
 ]
 ModelOpt = Annotated[
-    Path, typer.Option("--model", "-m", help="model file (default: the pipeline's model)")
+    Path | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="model file [default: the pipeline's data/model/model.pt, in the nearest folder "
+        "holding dvc.yaml from the current one up]",
+        show_default=False,
+    ),
 ]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="output file, written atomically")]
 FormatOpt = Annotated[
@@ -64,7 +75,8 @@ ParamsOpt = Annotated[
     typer.Option(
         "--params",
         help="params.yaml whose `predict` section gives the options not set here "
-        "[default: ./params.yaml if present, else built-in defaults]",
+        "[default: the project's params.yaml (beside the nearest dvc.yaml from the current "
+        "folder up) if present, else built-in defaults]",
         show_default=False,
     ),
 ]
@@ -83,14 +95,45 @@ def _usage_error(msg: str) -> typer.Exit:
     return typer.Exit(2)
 
 
+def project_root(start: Path | None = None) -> Path | None:
+    """The nearest folder holding dvc.yaml, from ``start`` (the current folder) up."""
+    here = (start or Path.cwd()).absolute()
+    for folder in (here, *here.parents):
+        if (folder / PROJECT_MARKER).is_file():
+            return folder
+    return None
+
+
+def _default_path(relative: Path) -> tuple[Path, str]:
+    """``relative`` in the project (see project_root), else in the current folder; and where."""
+    root = project_root()
+    if root is None:
+        where = f"relative to the current folder: no {PROJECT_MARKER} in it or above it"
+        return relative, where
+    return root / relative, f"the project in {root}"
+
+
+def _model_path(model: Path | None) -> Path:
+    """--model, or the project's model; a missing default model is a usage error saying where."""
+    if model is not None:
+        return model
+    path, where = _default_path(DEFAULT_MODEL)
+    if not path.is_file():
+        raise _usage_error(
+            f"model file not found: {path} (the default model, {where}); "
+            "train it with `dvc repro train` or pass --model"
+        )
+    return path
+
+
 def _predict_params(path: Path | None) -> PredictParams:
     """The `predict` section of params.yaml (read only here, at the entry point)."""
     from tasks.config import PredictParams, load_params
 
     if path is None:
-        if not DEFAULT_PARAMS.is_file():
+        path, _ = _default_path(DEFAULT_PARAMS)
+        if not path.is_file():
             return PredictParams()
-        path = DEFAULT_PARAMS
     return load_params(path).predict
 
 
@@ -118,7 +161,7 @@ def _report(summary: PredictSummary, allow_failures: bool) -> None:
 
 def predict(
     paths: PathsArg,
-    model: ModelOpt = DEFAULT_MODEL,
+    model: ModelOpt = None,
     out: OutOpt = Path("predictions.csv"),
     fmt: FormatOpt = None,
     preprocess: PreprocessOpt = None,
@@ -141,7 +184,7 @@ def predict(
         p = _predict_params(params)
         summary = predict_paths(
             paths,
-            model_path=model,
+            model_path=_model_path(model),
             out_path=out,
             fmt=_format_for(out, fmt),
             batch_size=batch_size or p.batch_size,
@@ -157,7 +200,7 @@ def predict(
 
 def batch_predict(
     paths: PathsArg,
-    model: ModelOpt = DEFAULT_MODEL,
+    model: ModelOpt = None,
     out: OutOpt = Path("predictions.csv"),
     fmt: FormatOpt = None,
     preprocess: PreprocessOpt = None,
@@ -197,7 +240,7 @@ def batch_predict(
     try:
         summary = run_batch_predict(
             paths,
-            model_path=model,
+            model_path=_model_path(model),
             out_path=out,
             fmt=_format_for(out, fmt),
             chunk_size=chunk_size or p.chunk_size,

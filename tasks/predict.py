@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import glob
+import heapq
 import json
 import os
 import re
@@ -53,6 +54,7 @@ INFER_SLICE = 64  # images per network call (see Classifier.probabilities)
 IN_FLIGHT_PER_WORKER = 2  # chunks queued per decode thread: keeps them busy, bounds memory
 HELD_ROWS_PER_IMAGE = 4  # rows held back for a batch: at most 4 x batch_size (bounded memory)
 PROBLEMS_KEPT = 10  # non-ok rows a summary keeps for the log (the output file has them all)
+OUTPUT_ERRORS = "surrogateescape"  # undecodable file-name bytes are written back as they were
 
 
 class PredictUsageError(ValueError):
@@ -104,24 +106,48 @@ def _is_image_named_dir(path: str) -> bool:
 def _walk(top: str) -> Iterator[str]:
     """Every non-hidden file under ``top``; folders named like images are yielded, not walked.
 
-    Hidden entries (.DS_Store, .git, a run's own temp files) are skipped; symlinked
-    folders are not followed (no cycles).
+    Hidden entries (.DS_Store, .git, a run's own temp files) are skipped. Symlinked
+    folders are followed, after the real folders (so files are listed under their
+    real path first), each folder once: a symlink to a folder already searched (a
+    cycle, or a second way to the same folder) is yielded itself and gets an error
+    row saying so. Nothing found is dropped silently.
     """
-    # a folder os.walk cannot list is yielded too: its row says it cannot be read
-    unreadable: list[str] = []
-    for root, dirs, files in os.walk(top, onerror=lambda e: unreadable.append(e.filename)):
-        keep = []
-        for d in dirs:
-            if d.startswith("."):
-                continue
-            if _is_image_named_dir(d):
-                yield os.path.join(root, d)  # becomes an error row: "is a folder"
-            else:
-                keep.append(d)
-        dirs[:] = keep
-        for f in files:
-            if not f.startswith("."):
-                yield os.path.join(root, f)
+    visited: set[tuple[int, int]] = set()  # (st_dev, st_ino) of the folders searched
+    links: list[str] = []  # symlinked folders still to follow (a heap: sorted order)
+    unreadable: list[str] = []  # folders os.walk cannot list: their row says so
+
+    def walk_real(start: str) -> Iterator[str]:
+        # followlinks=False: symlinked folders are collected, then followed from here
+        for root, dirs, files in os.walk(start, onerror=lambda e: unreadable.append(e.filename)):
+            try:
+                st = os.stat(root)
+            except OSError:
+                st = None
+            if st is not None:
+                if (st.st_dev, st.st_ino) in visited:  # reached again through a symlink
+                    dirs[:] = []
+                    yield root
+                    continue
+                visited.add((st.st_dev, st.st_ino))
+            keep = []
+            for d in dirs:
+                path = os.path.join(root, d)
+                if d.startswith("."):
+                    continue
+                if _is_image_named_dir(d):
+                    yield path  # becomes an error row: "is a folder"
+                elif os.path.islink(path):
+                    heapq.heappush(links, path)
+                else:
+                    keep.append(d)
+            dirs[:] = keep
+            for f in files:
+                if not f.startswith("."):
+                    yield os.path.join(root, f)
+
+    yield from walk_real(top)
+    while links:
+        yield from walk_real(heapq.heappop(links))  # os.walk follows its own top
     yield from unreadable
 
 
@@ -175,6 +201,11 @@ def _prepare_chunk(
         prep = prepare_file(path, preprocess=preprocess)
         if prep.status == "error" and prep.message == "no such file" and glob.has_magic(path):
             prep = Prepared(None, "error", "no file matches this pattern")
+        elif prep.message.startswith("is a folder") and not _is_image_named_dir(path):
+            real = os.path.realpath(path)
+            if real != os.path.abspath(path):  # the walk reached it again through a symlink
+                message = f"symlink to a folder already searched ({real}): not searched twice"
+                prep = Prepared(None, "error", message)
         if debug_dir is not None and prep.image is not None:
             (debug_dir / _debug_name(start + i, path)).write_bytes(encode_png(prep.image))
         out.append(prep)
@@ -371,9 +402,12 @@ class RowWriter:
 def open_output(out_path: Path, fmt: str, n_classes: int = N_CLASSES) -> Iterator[RowWriter]:
     """A RowWriter on a temp file next to ``out_path``, renamed over it when the block succeeds.
 
-    UTF-8; file names with undecodable bytes are written with backslash escapes.
+    UTF-8, with ``surrogateescape``: a file name that is not valid UTF-8 (os.fsdecode
+    turned its bad bytes into lone surrogates) is written as its original bytes, so
+    ``open(out, encoding="utf-8", errors="surrogateescape")`` and ``os.fsencode(path)``
+    give the file back; every other name is plain UTF-8.
     """
-    with atomic_open(out_path, "w", encoding="utf-8", errors="backslashreplace", newline="") as fh:
+    with atomic_open(out_path, "w", encoding="utf-8", errors=OUTPUT_ERRORS, newline="") as fh:
         yield RowWriter(fh, fmt, n_classes)
 
 

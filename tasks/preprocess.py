@@ -12,9 +12,14 @@ drop ruled lines, frame borders and specks -> the main ink components -> crop
 to their box -> longer side to 20 px -> pad to 28x28 centred on the centre of
 mass. 28x28 inputs that already look like MNIST pass through untouched.
 
-Decoding is memory-bounded (``load_gray``): the header gives the dimensions
-before anything is decoded; JPEGs too large are downscaled while decoding
-(libjpeg DCT scaling, cv2.IMREAD_REDUCED_*), other formats are refused.
+Decoding is memory-bounded (``load_gray``): the header gives the dimensions,
+channels and sample size before anything is decoded, for every format this
+OpenCV build reads (PNG, JPEG, BMP, GIF, WebP, TIFF and BigTIFF, PNM/PAM/PFM,
+Sun raster, Radiance HDR, JPEG 2000, AVIF); an image whose decoding would take
+more than ``MAX_PIXELS`` pixels or ``MAX_DECODE_BYTES`` bytes is refused, except
+JPEGs, which are decoded downscaled (libjpeg DCT scaling, cv2.IMREAD_REDUCED_*).
+OpenCV's own limit (OPENCV_IO_MAX_IMAGE_PIXELS, set below) backs this up for
+files whose header cannot be read here.
 
 Every function here is pure numpy/cv2 and safe to call from several threads.
 """
@@ -24,25 +29,40 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import stat
 import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
-import numpy as np
+# Decoding limits, per image. A worker holds at most one decoded image at a time.
+MAX_FILE_BYTES = 256 * 2**20  # a bigger file is not a digit photo; refuse before reading it
+MAX_PIXELS = 40_000_000  # 40 MP (JPEGs: after DCT downscaling, so any JPEG up to 2560 MP)
+# Peak bytes a decode may take: the decoded array (pixels x channels x bytes per sample)
+# and the decoder's working copies (see decode_bytes). 40 MP of 8-bit RGBA fits; with the
+# default 2 decode threads, 640 MB on top of the ~0.7 GB a predict run needs anyway.
+MAX_DECODE_BYTES = 320_000_000
+
+# OpenCV's own decode limit is read from the environment once, when cv2 is loaded (a
+# static of libopencv_imgcodecs, default 2^30 pixels), so it is set here, right before
+# this module imports cv2: in the processes that decode (the CLI, the flow's chunk tasks
+# on local threads or Dask workers) this module is what imports cv2 first. It refuses,
+# before allocating, the images whose header read_header cannot parse (the checks in
+# load_gray do not depend on it). setdefault: a limit set by the user wins. Child
+# processes inherit it; it only limits decoding.
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_PIXELS))
+
+import cv2  # noqa: E402  (after the limit above)
+import numpy as np  # noqa: E402
 
 MNIST_SIZE = 28  # the network's input side
 MNIST_BOX = 20  # MNIST fitted each digit's ink into a 20x20 box ...
 MNIST_COM = 14.0  # ... and put its centre of mass here (measured: 13.99, 14.00 on the test set)
 
-# Decoding limits, per image. A worker holds at most one decoded image at a time.
-MAX_FILE_BYTES = 256 * 2**20  # a bigger file is not a digit photo; refuse before reading it
-MAX_PIXELS = 40_000_000  # 40 MP: a 16-bit RGBA image this size is 320 MB decoded
 # Images are area-downscaled to this longer side before preprocessing: a digit a tenth
 # of a 4:3 frame's height still spans 24 px (MNIST's box is 20), and 640x480 costs 4x less.
 WORK_MAX_SIDE = 320
-HEADER_BYTES = 1 << 16  # JPEG SOF markers come after EXIF (<= 64 KB); enough for all headers
 
 # Preprocessing thresholds, as fractions of the (working) image so they hold at any resolution.
 MIN_CONTRAST = 40  # grey levels between ink and paper below which there is no ink
@@ -79,9 +99,40 @@ class ImageError(Exception):
 
 @dataclass(frozen=True)
 class ImageHeader:
+    """What a file's header says about the array OpenCV would decode from it."""
+
     format: str  # "png", "jpeg", ...
     width: int
     height: int
+    channels: int = 4  # of the decoded array (IMREAD_UNCHANGED); an upper bound when unsure
+    sample_bytes: int = 1  # per decoded sample: 1 (8 bits), 2 (16 bits), 4 (float), 8
+    buffer_bytes: int = 0  # held whatever the output scale: a progressive JPEG's coefficients
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+# Decoders' peak memory as multiples of the decoded array, measured with OpenCV 5.0 on
+# 2000x2000 images (VmHWM): 2 for most formats (the array and one converted copy), GIF
+# 3 (RGBA frame, then converted), AVIF 5 (YUV planes and RGB conversion). JPEG 2000
+# adds OpenJPEG's int32 plane per component (see decode_bytes).
+DECODE_COPIES = {"gif": 3, "avif": 5}
+JP2_PLANE_BYTES = 4  # OpenJPEG decodes every component into int32 samples
+
+
+def decode_bytes(header: ImageHeader, scale: int = 1) -> int:
+    """Estimated peak bytes OpenCV takes to decode an image (at 1/scale: JPEG only).
+
+    pixels x channels x bytes per sample of the decoded array, times the decoder's
+    copies, plus what it holds whatever the scale (JPEG 2000 planes, a progressive
+    JPEG's coefficients).
+    """
+    pixels = math.ceil(header.width / scale) * math.ceil(header.height / scale)
+    array = pixels * header.channels * header.sample_bytes
+    if header.format == "jp2":
+        return 2 * array + header.pixels * header.channels * JP2_PLANE_BYTES
+    return DECODE_COPIES.get(header.format, 2) * array + header.buffer_bytes
 
 
 @dataclass(frozen=True)
@@ -96,8 +147,8 @@ class Prepared:
 # --------------------------------------------------------------------------- header parsing
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the first SOFn marker; None when there is none in ``data``."""
+def _jpeg_header(data: bytes) -> ImageHeader | None:
+    """From the first SOFn marker: size, components, and a progressive JPEG's buffer."""
     i = 2
     n = len(data)
     while i + 4 <= n:
@@ -113,96 +164,260 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
         (length,) = struct.unpack(">H", data[i + 2 : i + 4])
         # SOF0-3, 5-7, 9-11, 13-15 (C4 DHT, C8 JPG, CC DAC are not frame headers)
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if i + 9 > n:
+            if i + 10 > n:
                 return None
-            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
-            return width, height
+            height, width, ncomp = struct.unpack(">HHB", data[i + 5 : i + 10])
+            buffer = 0
+            if marker in (0xC2, 0xC6, 0xCA, 0xCE):
+                # progressive: libjpeg keeps every DCT coefficient (2 bytes) of the full
+                # image until the last scan, whatever the output scale. Component i has
+                # H_i x V_i sampling: (H_i V_i) / (H_max V_max) of the pixels' coefficients
+                sampling = data[i + 11 : i + 10 + 3 * ncomp : 3]  # H << 4 | V per component
+                share = float(ncomp)  # no subsampling, when the factors are cut short or 0
+                if len(sampling) == ncomp and all(c >> 4 and c & 15 for c in sampling):
+                    h_max = max(c >> 4 for c in sampling)
+                    v_max = max(c & 15 for c in sampling)
+                    share = sum((c >> 4) * (c & 15) for c in sampling) / (h_max * v_max)
+                buffer = int(2 * width * height * share)
+            return ImageHeader("jpeg", width, height, 1, 1, buffer)  # decoded as grayscale
         if marker == 0xDA:  # start of scan before any frame header: broken
             return None
         i += 2 + length
     return None
 
 
-def _tiff_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) of the first image directory of a classic TIFF."""
-    endian = "<" if data[:2] == b"II" else ">"
-    (ifd,) = struct.unpack(endian + "I", data[4:8])
-    if ifd + 2 > len(data):
+def _tiff_header(data: bytes) -> ImageHeader | None:
+    """Size and samples of the first image directory of a TIFF or BigTIFF.
+
+    The directory may be anywhere in the file (libtiff writes it after the pixels).
+    """
+    e = "<" if data[:2] == b"II" else ">"
+    (magic,) = struct.unpack(e + "H", data[2:4])
+    if magic == 42:  # classic: 32-bit offsets, 12-byte entries
+        (ifd,) = struct.unpack(e + "I", data[4:8])
+        count_fmt, entry_size, off_fmt = "H", 12, "I"
+    elif magic == 43:  # BigTIFF: 64-bit offsets, 20-byte entries
+        (ifd,) = struct.unpack(e + "Q", data[8:16])
+        count_fmt, entry_size, off_fmt = "Q", 20, "Q"
+    else:
         return None
-    (count,) = struct.unpack(endian + "H", data[ifd : ifd + 2])
-    size: dict[int, int] = {}
-    for k in range(count):
-        off = ifd + 2 + 12 * k
-        if off + 12 > len(data):
+    off_size = struct.calcsize(off_fmt)
+    count_size = struct.calcsize(count_fmt)
+    if ifd + count_size > len(data):
+        return None
+    (count,) = struct.unpack(e + count_fmt, data[ifd : ifd + count_size])
+    tags: dict[int, int] = {}
+    for k in range(min(count, 4096)):
+        off = ifd + count_size + entry_size * k
+        if off + entry_size > len(data):
             break
-        tag, typ = struct.unpack(endian + "HH", data[off : off + 4])
-        if tag in (256, 257):  # ImageWidth, ImageLength: SHORT (3) or LONG (4)
-            fmt = "H" if typ == 3 else "I"
-            value = data[off + 8 : off + 8 + struct.calcsize(fmt)]
-            (size[tag],) = struct.unpack(endian + fmt, value)
-    if 256 in size and 257 in size:
-        return size[256], size[257]
-    return None
+        tag, typ = struct.unpack(e + "HH", data[off : off + 4])
+        fmt = {1: "B", 3: "H", 4: "I", 16: "Q"}.get(typ)
+        if tag not in (256, 257, 258, 262, 277) or fmt is None:
+            continue
+        (n,) = struct.unpack(e + off_fmt, data[off + 4 : off + 4 + off_size])
+        value = off + 4 + off_size
+        if n * struct.calcsize(fmt) > off_size:  # stored elsewhere: the field is an offset
+            (value,) = struct.unpack(e + off_fmt, data[value : value + off_size])
+        if n >= 1 and value + struct.calcsize(fmt) <= len(data):  # the first value
+            (tags[tag],) = struct.unpack(e + fmt, data[value : value + struct.calcsize(fmt)])
+    if 256 not in tags or 257 not in tags:
+        return None
+    samples, bits = tags.get(277, 1), tags.get(258, 1)
+    # palette (3), RGB (2), YCbCr (6) come out as colour; gray + alpha as BGRA
+    channels = max(samples, 3) if tags.get(262) in (2, 3, 6) else samples
+    channels = 4 if channels == 2 else min(channels, 4)
+    sample_bytes = min(8, max(1, math.ceil(bits / 8)))
+    return ImageHeader("tiff", tags[256], tags[257], channels, sample_bytes)
 
 
-def _pnm_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) of a PBM/PGM/PPM: whitespace-separated tokens, '#' comments."""
+def _pnm_tokens(data: bytes, count: int) -> list[bytes]:
+    """The first ``count`` header tokens of a PNM after its magic: whitespace, '#' comments."""
     tokens: list[bytes] = []
-    for line in data[2:256].splitlines():
+    for line in data[2:1024].splitlines():
         tokens += line.split(b"#", 1)[0].split()
-        if len(tokens) >= 2:
+        if len(tokens) >= count:
             break
-    if len(tokens) >= 2 and tokens[0].isdigit() and tokens[1].isdigit():
-        return int(tokens[0]), int(tokens[1])
+    return tokens[:count]
+
+
+def _pnm_header(data: bytes) -> ImageHeader | None:
+    """PBM/PGM/PPM (P1-P6), PAM (P7) and PFM (PF, Pf)."""
+    kind = data[1:2]
+    if kind == b"7":  # PAM: "WIDTH 640" ... "ENDHDR"
+        fields: dict[bytes, int] = {}
+        for line in data[2:1024].splitlines():
+            words = line.split(b"#", 1)[0].split()
+            if words[:1] == [b"ENDHDR"]:
+                break
+            if len(words) == 2 and words[1].isdigit():
+                fields[words[0]] = int(words[1])
+        if b"WIDTH" not in fields or b"HEIGHT" not in fields:
+            return None
+        channels = min(4, max(1, fields.get(b"DEPTH", 4)))
+        sample = 2 if fields.get(b"MAXVAL", 65535) > 255 else 1
+        return ImageHeader("pam", fields[b"WIDTH"], fields[b"HEIGHT"], channels, sample)
+    if kind in (b"F", b"f"):  # PFM: float32 RGB or gray
+        tokens = _pnm_tokens(data, 2)
+        if len(tokens) < 2 or not all(t.isdigit() for t in tokens):
+            return None
+        return ImageHeader("pfm", int(tokens[0]), int(tokens[1]), 3 if kind == b"F" else 1, 4)
+    bitmap = kind in (b"1", b"4")  # no maxval: 1 bit per pixel, decoded to 8
+    tokens = _pnm_tokens(data, 2 if bitmap else 3)
+    if len(tokens) < (2 if bitmap else 3) or not all(t.isdigit() for t in tokens):
+        return None
+    channels = 3 if kind in (b"3", b"6") else 1
+    sample = 1 if bitmap or int(tokens[2]) <= 255 else 2
+    return ImageHeader("pnm", int(tokens[0]), int(tokens[1]), channels, sample)
+
+
+_HDR_RESOLUTION = re.compile(rb"([-+])([XY]) +(\d+) +([-+])([XY]) +(\d+)")
+
+
+def _hdr_header(data: bytes) -> ImageHeader | None:
+    """Radiance HDR: text lines, a blank line, then the resolution ("-Y 480 +X 640")."""
+    end = data.find(b"\n\n", 0, 1 << 16)
+    if end < 0:
+        return None
+    m = _HDR_RESOLUTION.match(data, end + 2)
+    if m is None or m[2] == m[5]:
+        return None
+    first, second = int(m[3]), int(m[6])
+    width, height = (second, first) if m[2] == b"Y" else (first, second)
+    return ImageHeader("hdr", width, height, 3, 4)  # decoded as float32 BGR
+
+
+def _boxes(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+    """(type, payload start, box end) of the ISO BMFF / JP2 boxes in data[start:end]."""
+    i = start
+    while i + 8 <= end:
+        size, kind = struct.unpack(">I4s", data[i : i + 8])
+        head = 8
+        if size == 1:  # 64-bit size follows
+            if i + 16 > end:
+                return
+            (size,) = struct.unpack(">Q", data[i + 8 : i + 16])
+            head = 16
+        elif size == 0:  # to the end
+            size = end - i
+        if size < head:
+            return
+        yield kind, i + head, min(i + size, end)
+        i += size
+
+
+def _find_box(data: bytes, path: Sequence[bytes], start: int, end: int) -> tuple[int, int] | None:
+    """(payload start, end) of the first box at ``path`` (e.g. jp2h/ihdr)."""
+    for kind, payload, box_end in _boxes(data, start, end):
+        if kind == path[0]:
+            if len(path) == 1:
+                return payload, box_end
+            if kind == b"meta":  # a FullBox: version and flags before its children
+                payload += 4
+            found = _find_box(data, path[1:], payload, box_end)
+            if found is not None:
+                return found
     return None
+
+
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+
+
+def _jp2_header(data: bytes) -> ImageHeader | None:
+    """JPEG 2000: the JP2 file's ihdr box, or a raw codestream's SIZ marker."""
+    if data.startswith(_JP2_SIGNATURE):
+        found = _find_box(data, [b"jp2h", b"ihdr"], 0, len(data))
+        if found is None or found[0] + 11 > found[1]:
+            return None
+        height, width, channels, bpc = struct.unpack(">IIHB", data[found[0] : found[0] + 11])
+        bits = 16 if bpc == 0xFF else (bpc & 0x7F) + 1  # 0xFF: varies per component
+    else:  # codestream: SOC, SIZ (Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz, tiles, Csiz, Ssiz..)
+        x, y, x0, y0 = struct.unpack(">IIII", data[8:24])
+        (channels,) = struct.unpack(">H", data[40:42])
+        width, height = x - x0, y - y0
+        ssiz = data[42 : 42 + 3 * channels : 3]
+        bits = max(((s & 0x7F) + 1 for s in ssiz), default=16)
+    sample = 1 if bits <= 8 else 2
+    return ImageHeader("jp2", width, height, min(max(channels, 1), 4), sample)
+
+
+def _avif_header(data: bytes) -> ImageHeader | None:
+    """AVIF (ISO BMFF): the largest ispe (image spatial extents) box; depth from pixi/av1C."""
+    props = _find_box(data, [b"meta", b"iprp", b"ipco"], 0, len(data))
+    if props is None:
+        return None
+    width = height = 0
+    bits = 0
+    for kind, payload, box_end in _boxes(data, *props):
+        if kind == b"ispe" and payload + 12 <= box_end:
+            w, h = struct.unpack(">II", data[payload + 4 : payload + 12])
+            if w * h > width * height:
+                width, height = w, h
+        elif kind == b"pixi" and payload + 5 <= box_end:
+            n = data[payload + 4]
+            bits = max(bits, *data[payload + 5 : min(payload + 5 + n, box_end)], 0)
+        elif kind == b"av1C" and payload + 3 <= box_end and not bits:
+            flags = data[payload + 2]  # seq_tier_0, high_bitdepth, twelve_bit, ...
+            bits = 12 if flags & 0x20 else 10 if flags & 0x40 else 8
+    if width * height == 0:
+        return None
+    sample = 1 if 0 < bits <= 8 else 2  # deeper (or unknown) decodes to 16 bits
+    return ImageHeader("avif", width, height, 4, sample)
 
 
 def read_header(data: bytes) -> ImageHeader | None:
-    """Format and dimensions from the first bytes of a file, without decoding it.
+    """Format, size, channels and sample size from a file's bytes, without decoding it.
 
-    Covers PNG, JPEG, BMP, GIF, WebP, TIFF, PNM and Sun raster; None for anything
-    else (OpenCV may still decode it: EXR, HDR, JPEG 2000, PFM, AVIF).
+    Pass the whole file: a TIFF's directory may come after its pixels. Covers PNG,
+    JPEG, BMP, GIF, WebP, TIFF, BigTIFF, PNM, PAM, PFM, Sun raster, Radiance HDR,
+    JPEG 2000 and AVIF; None for anything else (or a header cut short).
     """
     try:
         if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
-            w, h = struct.unpack(">II", data[16:24])
-            return ImageHeader("png", w, h)
+            w, h, depth, colour = struct.unpack(">IIBB", data[16:26])
+            # gray 1, RGB 3; palette, gray+alpha and RGBA may all come out as BGRA
+            channels = {0: 1, 2: 3}.get(colour, 4)
+            return ImageHeader("png", w, h, channels, 2 if depth == 16 else 1)
         if data[:2] == b"\xff\xd8":
-            size = _jpeg_size(data)
-            return ImageHeader("jpeg", *size) if size else None
+            return _jpeg_header(data)
         if data[:2] == b"BM":
             (dib,) = struct.unpack("<I", data[14:18])
             if dib == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
-                w, h = struct.unpack("<HH", data[18:22])
+                w, h, _, bpp = struct.unpack("<HHHH", data[18:26])
             else:
-                w, h = struct.unpack("<ii", data[18:26])
-            return ImageHeader("bmp", abs(w), abs(h))  # negative height = top-down rows
+                w, h, _, bpp = struct.unpack("<iiHH", data[18:30])
+            # negative height = top-down rows; 32 bits may carry alpha
+            return ImageHeader("bmp", abs(w), abs(h), 4 if bpp == 32 else 3)
         if data[:6] in (b"GIF87a", b"GIF89a"):
             w, h = struct.unpack("<HH", data[6:10])
-            return ImageHeader("gif", w, h)
+            return ImageHeader("gif", w, h, 4)
         if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
             chunk = data[12:16]
             if chunk == b"VP8 ":
                 w, h = struct.unpack("<HH", data[26:30])
-                return ImageHeader("webp", w & 0x3FFF, h & 0x3FFF)
+                return ImageHeader("webp", w & 0x3FFF, h & 0x3FFF, 4)
             if chunk == b"VP8L":
                 bits = int.from_bytes(data[21:25], "little")
-                return ImageHeader("webp", (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
+                return ImageHeader("webp", (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1, 4)
             if chunk == b"VP8X":
                 w = int.from_bytes(data[24:27], "little") + 1
                 h = int.from_bytes(data[27:30], "little") + 1
-                return ImageHeader("webp", w, h)
+                return ImageHeader("webp", w, h, 4)
             return None
-        if data[:4] in (b"II*\x00", b"MM\x00*"):
-            size = _tiff_size(data)
-            return ImageHeader("tiff", *size) if size else None
-        if data[:1] == b"P" and data[1:2] in b"123456" and data[1:2] != b"":
-            size = _pnm_size(data)
-            return ImageHeader("pnm", *size) if size else None
+        if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+            return _tiff_header(data)
+        if data[:1] == b"P" and data[1:2] in (b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"F", b"f"):
+            return _pnm_header(data)
         if data[:4] == b"\x59\xa6\x6a\x95":
-            w, h = struct.unpack(">II", data[4:12])
-            return ImageHeader("sunraster", w, h)
-    except struct.error:  # header cut short: the decoder will report the file as truncated
+            w, h, depth = struct.unpack(">III", data[4:16])
+            return ImageHeader("sunraster", w, h, 4 if depth == 32 else 3)
+        if data[:2] == b"#?":  # "#?RADIANCE" or "#?RGBE"
+            return _hdr_header(data)
+        if data.startswith(_JP2_SIGNATURE) or data[:4] == b"\xff\x4f\xff\x51":
+            return _jp2_header(data)
+        if data[4:8] == b"ftyp" and (b"avif" in data[8:64] or b"avis" in data[8:64]):
+            return _avif_header(data)
+    except (struct.error, ValueError, IndexError):  # header cut short or garbled
         return None
     return None
 
@@ -265,14 +480,37 @@ def _shrink(img: np.ndarray, max_side: int) -> np.ndarray:
     return img if longest <= max_side else _scale_area(img, max_side / longest)
 
 
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e6:.2g} MB"
+
+
+def _mp(n: float) -> str:
+    return f"{n / 1e6:.0f} MP" if n >= 1e6 else f"{n / 1e6:.2g} MP"
+
+
+def _opencv_limit_message(exc: cv2.error) -> str | None:
+    """The message for OpenCV's own size check (OPENCV_IO_MAX_IMAGE_*), None for others."""
+    if "CV_IO_MAX_IMAGE" not in str(exc):
+        return None
+    limit = os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", "2^30")
+    return (
+        f"image too large: over OpenCV's decoding limit (OPENCV_IO_MAX_IMAGE_PIXELS={limit} "
+        "pixels, sides <= 1048576); downscale it or save it as JPEG"
+    )
+
+
 def load_gray(
-    path: Path | str, max_pixels: int = MAX_PIXELS, max_side: int = WORK_MAX_SIDE
+    path: Path | str,
+    max_pixels: int = MAX_PIXELS,
+    max_side: int = WORK_MAX_SIDE,
+    max_bytes: int = MAX_DECODE_BYTES,
 ) -> np.ndarray:
     """Decode an image file into (H, W) uint8 grayscale, H and W <= ``max_side``.
 
-    Memory stays bounded: the dimensions are read from the header first; a JPEG
-    with more than ``max_pixels`` is decoded at 1/2, 1/4 or 1/8 scale, anything
-    else that large is refused. Raises ImageError with a message for the output row.
+    Memory stays bounded: the header is read first; a JPEG with more than
+    ``max_pixels`` is decoded at 1/2, 1/4 or 1/8 scale; any other image over
+    ``max_pixels``, or whose decoding would take more than ``max_bytes``
+    (``decode_bytes``), is refused. Raises ImageError with a message for the output row.
     """
     path = Path(path)
     try:
@@ -299,10 +537,11 @@ def load_gray(
     except OSError as exc:
         raise ImageError(f"cannot read: {exc.strerror or exc}") from exc
 
-    header = read_header(data[:HEADER_BYTES])
+    header = read_header(data)  # the whole file: a TIFF's directory may be at its end
     flags = cv2.IMREAD_UNCHANGED  # keeps alpha (composited later) and 16 bits
     if header is not None:
-        pixels = header.width * header.height
+        pixels = header.pixels
+        size = f"{header.width}x{header.height} {header.format.upper()}"
         if pixels == 0:
             raise ImageError(f"{header.format} header says {header.width}x{header.height} pixels")
         if header.format == "jpeg":
@@ -319,18 +558,27 @@ def load_gray(
                 factor *= 2
             if pixels / factor**2 > max_pixels:
                 raise ImageError(
-                    f"image too large: {header.width}x{header.height} "
-                    f"({pixels / 1e6:.0f} MP, over {max_pixels / 1e6:.0f} MP even at 1/8 scale)"
+                    f"image too large: {size} ({_mp(pixels)}, over {_mp(max_pixels)} "
+                    "even at 1/8 scale)"
+                )
+            if decode_bytes(header, factor) > max_bytes:  # progressive: full-size buffers
+                raise ImageError(
+                    f"image too large: {size}, progressive (~{_mb(decode_bytes(header, factor))}"
+                    f" to decode > {_mb(max_bytes)} limit); save it as a baseline JPEG"
                 )
             flags = _JPEG_FLAGS[factor]
-        elif pixels > max_pixels:
+        elif pixels > max_pixels or decode_bytes(header) > max_bytes:
             raise ImageError(
-                f"image too large: {header.width}x{header.height} ({pixels / 1e6:.0f} MP > "
-                f"{max_pixels / 1e6:.0f} MP limit); downscale it or save it as JPEG"
+                f"image too large: {size} ({_mp(pixels)}, ~{_mb(decode_bytes(header))} to "
+                f"decode; limits {_mp(max_pixels)}, {_mb(max_bytes)}); downscale it or "
+                "save it as JPEG"
             )
     try:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     except cv2.error as exc:
+        message = _opencv_limit_message(exc)
+        if message is not None:
+            raise ImageError(message) from exc
         raise ImageError(f"cannot decode: {str(exc).strip().splitlines()[-1]}") from exc
     del data
     if img is None:
@@ -338,7 +586,7 @@ def load_gray(
         raise ImageError(f"{kind} (OpenCV cannot decode it)")
     if img.size == 0:
         raise ImageError("image has no pixels")
-    if img.shape[0] * img.shape[1] > max_pixels:  # formats without a header parser
+    if img.shape[0] * img.shape[1] > max_pixels:  # a header this module could not read
         raise ImageError(f"image too large: {img.shape[1]}x{img.shape[0]}")
     return _to_gray_u8(_shrink(img, max_side))
 
@@ -617,7 +865,10 @@ def naive_28(gray: np.ndarray) -> np.ndarray:
 
 
 def prepare_file(
-    path: Path | str, preprocess: bool = True, max_pixels: int = MAX_PIXELS
+    path: Path | str,
+    preprocess: bool = True,
+    max_pixels: int = MAX_PIXELS,
+    max_bytes: int = MAX_DECODE_BYTES,
 ) -> Prepared:
     """Decode + preprocess one file; never raises for bad input, the row says what went wrong.
 
@@ -625,7 +876,7 @@ def prepare_file(
     made grayscale and resized to 28x28.
     """
     try:
-        gray = load_gray(path, max_pixels=max_pixels)
+        gray = load_gray(path, max_pixels=max_pixels, max_bytes=max_bytes)
         img = to_mnist(gray) if preprocess else naive_28(gray)
     except ImageError as exc:
         return Prepared(None, "error", str(exc))
@@ -654,9 +905,12 @@ def encode_png(img: np.ndarray) -> bytes:
 
 
 __all__ = [
+    "MAX_DECODE_BYTES",
+    "MAX_PIXELS",
     "ImageError",
     "ImageHeader",
     "Prepared",
+    "decode_bytes",
     "encode_png",
     "is_near_mnist",
     "load_gray",

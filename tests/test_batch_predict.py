@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -59,25 +62,58 @@ def test_local_flow_matches_predict(
     assert out.read_bytes() == reference_output
 
 
-def test_dask_flow_matches_local(
+def test_dask_flow_runs_the_chunks_on_the_cluster(
     prefect_api: None, inbox: Path, model_file: Path, reference_output: bytes, tmp_path: Path
 ) -> None:
-    from distributed import LocalCluster
+    """A real scheduler and worker process on loopback run every chunk; same output."""
+    from distributed import Client, LocalCluster, get_task_stream
 
     from flows.batch_predict import run_batch_predict
 
     out = tmp_path / "dask.csv"
-    # a real scheduler and worker on loopback; threads, not processes, to stay light
-    with LocalCluster(
-        n_workers=1, threads_per_worker=2, processes=False,
-        protocol="tcp://", host="127.0.0.1", dashboard_address=None,
-    ) as cluster:  # fmt: skip
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True,
+            protocol="tcp://", host="127.0.0.1", dashboard_address=None,
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):  # fmt: skip
         assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
-        summary = run_batch_predict(
-            [inbox], model_file, out, chunk_size=CHUNK, dask_address=cluster.scheduler_address
-        )
+        (worker,) = client.scheduler_info()["workers"]
+        (worker_pid,) = client.run(os.getpid).values()
+        with get_task_stream(client) as stream:  # every task the scheduler ran meanwhile
+            summary = run_batch_predict(
+                [inbox], model_file, out, chunk_size=CHUNK, dask_address=cluster.scheduler_address
+            )
+    assert worker_pid != os.getpid()  # the worker is another process
+    chunk_tasks = [t for t in stream.data if t["key"].startswith("predict_chunk_task-")]
+    assert len(chunk_tasks) == 3  # 8 files in chunks of 3
+    assert {t["worker"] for t in chunk_tasks} == {worker}
+    assert all(t["status"] == "OK" for t in chunk_tasks)
     assert summary.total == 8
     assert out.read_bytes() == reference_output
+
+
+def test_unreachable_dask_address_is_a_usage_error(
+    inbox: Path, model_file: Path, tmp_path: Path
+) -> None:
+    from flows.batch_predict import DASK_CONNECT_TIMEOUT_S
+
+    with socket.socket() as sock:  # a loopback port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    app = typer.Typer()
+    app.command()(predict_cmd.batch_predict)
+    out = tmp_path / "o.csv"
+    args = [str(inbox), "--model", str(model_file), "--out", str(out), "--dask-address", address]
+    t0 = time.monotonic()
+    result = CliRunner().invoke(app, args)
+    seconds = time.monotonic() - t0
+    assert result.exit_code == 2, result.output
+    assert f"error: cannot reach the Dask scheduler at {address}" in result.output
+    assert "Traceback" not in result.output
+    assert seconds < DASK_CONNECT_TIMEOUT_S + 10  # not distributed's 30 s
+    assert not out.exists()
 
 
 def test_batch_predict_command_exit_codes(

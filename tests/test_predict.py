@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +24,14 @@ from flows import predict_cmd
 from tasks.model import ModelFileError, build_model, load_model, normalize_uint8, save_model
 from tasks.predict import Classifier, PredictUsageError, columns, expand_inputs, predict_paths
 from tasks.preprocess import naive_28, to_mnist
-from tests.test_preprocess import REFERENCES, _png_bytes, _png_header_only, big_glyph, photo
+from tests.test_preprocess import (
+    REFERENCES,
+    _hdr_bytes,
+    _png_bytes,
+    _png_header_only,
+    big_glyph,
+    photo,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -157,6 +167,59 @@ def test_every_bad_input_gets_its_row(tmp_path: Path, model_file: Path) -> None:
     assert (summary.ok, summary.empty, summary.error) == (4, 1, 7)
 
 
+def test_symlinked_folders_are_followed_once(tmp_path: Path, model_file: Path) -> None:
+    """Symlinked folders are searched; cycles and second ways in get a row, never vanish."""
+    d = tmp_path / "in"
+    write_png(d / "a.png", REFERENCES[1])
+    write_png(d / "sub" / "b.png", REFERENCES[2])
+    write_png(tmp_path / "outside" / "c.png", REFERENCES[3])
+    (d / "ext").symlink_to(tmp_path / "outside")  # followed: its images count
+    (d / "again").symlink_to(d / "sub")  # a second way to a folder already searched
+    (d / "loop").symlink_to(d)  # a cycle
+    (tmp_path / "outside" / "back").symlink_to(d)  # a cycle through ext
+    (d / "broken").symlink_to(tmp_path / "nowhere")
+    out = tmp_path / "o.csv"
+
+    summary = predict_paths([d], model_file, out, progress=False)
+
+    rows = {os.path.relpath(r["path"], d): (r["status"], r["message"]) for r in read_csv(out)}
+    searched = "symlink to a folder already searched"
+    assert rows == {
+        "a.png": ("ok", ""),
+        "sub/b.png": ("ok", ""),
+        "ext/c.png": ("ok", ""),
+        "again": ("error", f"{searched} ({d / 'sub'}): not searched twice"),
+        "loop": ("error", f"{searched} ({d}): not searched twice"),
+        "ext/back": ("error", f"{searched} ({d}): not searched twice"),
+        "broken": ("error", "no such file"),
+    }
+    assert (summary.total, summary.ok) == (7, 3)
+
+
+def test_non_utf8_file_names_round_trip(tmp_path: Path, model_file: Path) -> None:
+    """A name that is not UTF-8 is written as its bytes (surrogateescape), not as escapes."""
+    raw = b"digit_\xff\xfe.png"
+    folder = tmp_path / "in"
+    folder.mkdir()
+    try:
+        (folder / os.fsdecode(raw)).write_bytes(_png_bytes(REFERENCES[4]))
+    except OSError:
+        pytest.skip("this filesystem refuses non-UTF-8 names")
+    for fmt in ("csv", "jsonl"):
+        out = tmp_path / f"o.{fmt}"
+        predict_paths([folder], model_file, out, fmt=fmt, progress=False)
+        data = out.read_bytes()
+        assert raw in data and b"\\udc" not in data
+        text = data.decode("utf-8", "surrogateescape")
+        if fmt == "csv":
+            (row,) = csv.DictReader(io.StringIO(text, newline=""))
+        else:
+            (row,) = map(json.loads, text.splitlines())
+        assert row["status"] == "ok"
+        assert os.path.basename(os.fsencode(row["path"])) == raw  # the file, byte for byte
+        assert os.path.isfile(os.fsencode(row["path"]))
+
+
 def test_inputs_expand_sorted_deduplicated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("b.png", "a.jpg", "sub/c.png", "sub/deeper/d.bmp", ".git/x.png"):
         write_png(tmp_path / name, REFERENCES[0])
@@ -223,6 +286,76 @@ def test_usage_errors_exit_2(good_folder: Path, model_file: Path, tmp_path: Path
     assert "no input files" in cli(*cases["no inputs"]).output
     assert "model file not found" in cli(*cases["no model"]).output
     assert not out.exists()
+
+
+def test_default_model_and_params_come_from_the_project(
+    model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From any subfolder, the defaults are the project's (the nearest dvc.yaml above)."""
+    project = tmp_path / "project"
+    (project / "data" / "model").mkdir(parents=True)
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    shutil.copy(model_file, project / "data" / "model" / "model.pt")
+    (project / "params.yaml").write_text("predict:\n  preprocess: false\n")
+    img = photo(big_glyph(9), np.random.default_rng(6), (150, 200))
+    write_png(project / "inbox" / "sub" / "p.png", img)
+    debug = tmp_path / "dbg"
+    monkeypatch.chdir(project / "inbox" / "sub")
+    assert predict_cmd.project_root() == project
+
+    result = cli("p.png", "--out", "o.csv", "--debug-dir", debug)
+
+    assert result.exit_code == 0, result.output
+    assert read_csv(Path("o.csv"))[0]["status"] == "ok"
+    # the project's params.yaml was read: preprocess false
+    assert np.array_equal(cv2.imread(str(next(debug.iterdir())), 0), naive_28(img))
+    # no model there: the error names the path tried
+    (project / "data" / "model" / "model.pt").unlink()
+    result = cli("p.png", "--out", "o.csv")
+    assert result.exit_code == 2
+    assert f"model file not found: {project / 'data' / 'model' / 'model.pt'}" in result.output
+    # outside any project: relative to the current folder
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    if predict_cmd.project_root() is not None:
+        pytest.skip(f"{tmp_path} is inside a folder with dvc.yaml")
+    result = cli(project / "inbox" / "sub" / "p.png", "--out", "o.csv")
+    assert result.exit_code == 2
+    assert "model file not found: data/model/model.pt" in result.output
+    assert "no dvc.yaml in it or above it" in result.output
+    assert not Path("o.csv").exists()
+
+
+def test_huge_hdr_is_an_error_row_in_bounded_memory(model_file: Path, tmp_path: Path) -> None:
+    """The CLI in its own process: an 8000x8000 HDR (4 MB file, 768 MB as float32 and
+    1.5 GB at the decoder's peak) is refused from its header, with a clear row."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "huge.hdr").write_bytes(_hdr_bytes(8000, 8000))
+    write_png(folder / "ok.png", REFERENCES[5])
+    out, peak = tmp_path / "o.csv", tmp_path / "peak_kb"
+    # VmHWM at exit, not ru_maxrss: that one survives exec, so it would count pytest itself
+    code = (
+        "import atexit, re, sys\n"
+        "from pathlib import Path\n"
+        "peak, status = Path(sys.argv.pop()), Path('/proc/self/status')\n"
+        "atexit.register(lambda: peak.write_text(\n"
+        "    re.search(r'VmHWM:\\s+(\\d+)', status.read_text())[1]))\n"
+        "import typer\n"
+        "from flows.predict_cmd import predict\n"
+        "typer.run(predict)\n"
+    )
+    args = [folder, "--model", model_file, "--out", out, "--no-progress", peak]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 1, proc.stderr  # a row in error, not a crash
+    rows = {Path(r["path"]).name: r for r in read_csv(out)}
+    assert rows["ok.png"]["status"] == "ok"
+    assert rows["huge.hdr"]["status"] == "error"
+    assert rows["huge.hdr"]["message"].startswith("image too large: 8000x8000 HDR (64 MP")
+    assert int(peak.read_text()) < 1_000_000  # KiB: torch and the model, no 1.5 GB decode
 
 
 class _Payload:

@@ -239,18 +239,176 @@ def test_16_bit_images_read_like_8_bit(tmp_path: Path) -> None:
     assert nearest_digit(to_mnist(gray)) == 6
 
 
-@pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp", ".tiff", ".webp", ".pgm"])
+HEADER_CASES = {  # extension: (image to encode, expected channels, bytes per sample)
+    ".png": (np.full((37, 53), 200, np.uint8), 1, 1),
+    ".jpg": (np.full((37, 53), 200, np.uint8), 1, 1),  # JPEGs are decoded as grayscale
+    ".bmp": (np.full((37, 53, 3), 200, np.uint8), 3, 1),
+    ".tiff": (np.full((37, 53), 200, np.uint16), 1, 2),
+    ".webp": (np.full((37, 53, 3), 200, np.uint8), 4, 1),
+    ".pgm": (np.full((37, 53), 200, np.uint8), 1, 1),
+    ".ppm": (np.full((37, 53, 3), 2000, np.uint16), 3, 2),
+    ".pam": (np.full((37, 53, 3), 200, np.uint8), 3, 1),
+    ".pfm": (np.full((37, 53, 3), 0.5, np.float32), 3, 4),
+    ".hdr": (np.full((37, 53, 3), 0.5, np.float32), 3, 4),
+    ".jp2": (np.full((37, 53, 3), 200, np.uint8), 3, 1),
+    ".avif": (np.full((37, 53, 3), 200, np.uint8), 4, 1),
+    ".gif": (np.full((37, 53, 3), 200, np.uint8), 4, 1),
+    ".ras": (np.full((37, 53, 3), 200, np.uint8), 3, 1),
+}
+
+
+@pytest.mark.parametrize("ext", list(HEADER_CASES))
 def test_header_dimensions_without_decoding(ext: str) -> None:
-    img = np.full((37, 53), 200, np.uint8)
+    img, channels, sample_bytes = HEADER_CASES[ext]
     ok, buf = cv2.imencode(ext, img)
     assert ok
     header = read_header(buf.tobytes()[:4096])
     assert header is not None and (header.width, header.height) == (53, 37)
+    assert (header.channels, header.sample_bytes) == (channels, sample_bytes)
+    decoded = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)  # the estimate bounds the real array
+    if ext != ".jpg":
+        assert decoded.nbytes <= 53 * 37 * channels * sample_bytes
 
 
-def _png_header_only(width: int, height: int) -> bytes:
+def _hdr_bytes(width: int, height: int, pixels: bool = True) -> bytes:
+    """A valid Radiance HDR of flat 0.5 grey, run-length encoded: ~4 MB for 8000x8000.
+
+    Decoded (float32 BGR) it is 12 bytes a pixel: 768 MB for 8000x8000.
+    """
+    header = b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n" + f"-Y {height} +X {width}\n".encode()
+    if not pixels:
+        return header
+    runs = bytearray()
+    for value in (128, 128, 128, 128):  # R, G, B mantissas and the exponent: 0.5
+        left = width
+        while left:
+            n = min(127, left)
+            runs += bytes((128 + n, value))  # a run of n times value
+            left -= n
+    scanline = bytes((2, 2, width >> 8, width & 0xFF)) + runs  # new-style RLE scanline
+    return header + scanline * height
+
+
+def _bigtiff_bytes(width: int, height: int, pixels: bytes = b"") -> bytes:
+    """A little-endian BigTIFF: one 8-bit gray strip of ``pixels`` (may claim any size)."""
+    entries = [  # (tag, type, value): ImageWidth, ImageLength, BitsPerSample, Compression,
+        (256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 1),  # Photometric,
+        (262, 3, 1), (273, 16, 0), (277, 3, 1), (278, 4, height),  # StripOffsets, ...
+        (279, 16, len(pixels)),
+    ]  # fmt: skip
+    data_offset = 16 + 8 + 20 * len(entries) + 8
+    out = b"II" + struct.pack("<HHHQ", 43, 8, 0, 16) + struct.pack("<Q", len(entries))
+    for tag, typ, value in entries:
+        out += struct.pack("<HHQQ", tag, typ, 1, data_offset if tag == 273 else value)
+    return out + struct.pack("<Q", 0) + pixels
+
+
+def test_hdr_and_bigtiff_helpers_are_real_images() -> None:
+    """The crafted files below are what OpenCV decodes, so their sizes are real."""
+    hdr = cv2.imdecode(np.frombuffer(_hdr_bytes(200, 100), np.uint8), cv2.IMREAD_UNCHANGED)
+    assert hdr.shape == (100, 200, 3) and hdr.dtype == np.float32 and np.all(hdr == 0.5)
+    strip = bytes(range(60))
+    tiff = cv2.imdecode(np.frombuffer(_bigtiff_bytes(10, 6, strip), np.uint8), -1)
+    assert tiff.shape == (6, 10) and tiff.tobytes() == strip
+    header = read_header(_bigtiff_bytes(10, 6, strip))
+    assert header is not None and (header.format, header.width, header.height) == ("tiff", 10, 6)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("huge.hdr", _hdr_bytes(8000, 8000, False), "too large: 8000x8000 HDR (64 MP"),
+        # 16 MP: under the pixel limit, but float32 RGB and a copy: 384 MB to decode
+        ("big.hdr", _hdr_bytes(4000, 4000, False), "too large: 4000x4000 HDR (16 MP, ~384 MB"),
+        ("huge.tiff", _bigtiff_bytes(100_000, 100_000, bytes(64)), "100000x100000 TIFF"),
+    ],
+    ids=["8000x8000-hdr", "4000x4000-hdr", "100000x100000-bigtiff"],
+)  # fmt: skip
+def test_headers_read_for_hdr_and_bigtiff(tmp_path: Path, name: str, content: bytes, message: str):
+    path = tmp_path / name
+    path.write_bytes(content)
+    result = prepare_file(path)
+    assert (result.status, result.image) == ("error", None)
+    assert message in result.message, result.message
+
+
+def test_decode_memory_is_bounded_by_bytes_not_pixels(tmp_path: Path) -> None:
+    """25 MP is under the pixel limit; as 16-bit RGBA it is 400 MB to decode, as gray 50 MB."""
+    rgba16 = tmp_path / "rgba16.png"
+    rgba16.write_bytes(_png_header_only(5000, 5000, depth=16, colour=6))
+    with pytest.raises(ImageError, match=r"too large: 5000x5000 PNG \(25 MP, ~400 MB"):
+        load_gray(rgba16)
+    gray8 = tmp_path / "gray8.png"
+    gray8.write_bytes(_png_header_only(5000, 5000))
+    with pytest.raises(ImageError, match="corrupt or truncated PNG"):  # not refused by size
+        load_gray(gray8)
+
+
+def test_tiff_directory_after_the_pixels_is_read(tmp_path: Path) -> None:
+    """libtiff writes the directory after the pixels: the whole file is searched for it."""
+    noise = np.random.default_rng(0).integers(0, 256, (300, 300), dtype=np.uint8)
+    ok, buf = cv2.imencode(".tiff", noise)
+    assert ok
+    data = buf.tobytes()
+    assert struct.unpack("<I", data[4:8])[0] > 65536  # the directory comes after 90 KB
+    path = tmp_path / "noise.tiff"
+    path.write_bytes(data)
+    with pytest.raises(ImageError, match=r"too large: 300x300 TIFF"):  # from the header
+        load_gray(path, max_pixels=50_000)
+
+
+def test_huge_progressive_jpeg_is_refused(tmp_path: Path) -> None:
+    """libjpeg keeps a progressive JPEG's coefficients at full size, even when downscaling."""
+    img = photo(big_glyph(4), np.random.default_rng(8), (120, 160))
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    assert ok
+    path = tmp_path / "progressive.jpg"
+    path.write_bytes(buf.tobytes())
+    assert prepare_file(path).status == "ok"
+    data = bytearray(buf.tobytes())
+    sof = data.find(b"\xff\xc2")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", 20000, 20000)  # 400 MP gray: 800 MB
+    path.write_bytes(bytes(data))
+    result = prepare_file(path)
+    assert result.status == "error"
+    assert "too large: 20000x20000 JPEG, progressive (~812 MB" in result.message
+
+
+def test_opencv_limit_backs_up_unparsed_headers(tmp_path: Path) -> None:
+    """OPENCV_IO_MAX_IMAGE_PIXELS is set before cv2 loads: OpenCV refuses before allocating.
+
+    A fresh process where tasks.preprocess imports cv2 first (as in the CLI), with
+    the header reader disabled (a format it cannot parse): the 8000x8000 HDR would
+    take 1.5 GB to decode; OpenCV refuses it from its own header read.
+    """
+    path = tmp_path / "huge.hdr"
+    path.write_bytes(_hdr_bytes(8000, 8000))
+    code = (
+        "import os, re, sys\n"
+        "from pathlib import Path\n"
+        "import tasks.preprocess as pp\n"
+        "assert 'cv2' in sys.modules\n"
+        "print(os.environ['OPENCV_IO_MAX_IMAGE_PIXELS'])\n"
+        "pp.read_header = lambda data: None\n"
+        "result = pp.prepare_file(sys.argv[1])\n"
+        "print(result.status, result.message)\n"
+        "print(re.search(r'VmHWM:\\s+(\\d+)', Path('/proc/self/status').read_text())[1])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path)], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    limit, row, peak_kb = out.stdout.strip().splitlines()
+    assert limit == "40000000"
+    assert row.startswith("error image too large: over OpenCV's decoding limit"), row
+    assert int(peak_kb) < 200 * 1024  # 1.5 GB if decoded
+
+
+def _png_header_only(width: int, height: int, depth: int = 8, colour: int = 0) -> bytes:
     """A PNG signature + IHDR claiming ``width`` x ``height``, and no pixel data."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
     chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr
     chunk += struct.pack(">I", zlib.crc32(b"IHDR" + ihdr) & 0xFFFFFFFF)
     return b"\x89PNG\r\n\x1a\n" + chunk
