@@ -451,24 +451,24 @@ def test_retrain_promotes_a_better_challenger_and_rejects_a_worse_one(
 # --- serving on a schedule -----------------------------------------------------------
 
 
-def test_serve_refuses_the_ephemeral_api_with_what_to_run(tmp_path: Path) -> None:
+def _serve_without_server(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`digitflow serve ARGS` with no Prefect API configured (the ephemeral default)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # no profile with an API URL
-    proc = subprocess.run(
-        [str(Path(BIN) / "digitflow"), "serve", "--cron", "0 3 * * 1"],
+    return subprocess.run(
+        [str(Path(BIN) / "digitflow"), "serve", *args],
         env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
+
+
+def test_serve_refuses_the_ephemeral_api_with_what_to_run(tmp_path: Path) -> None:
+    proc = _serve_without_server(tmp_path, "--cron", "0 3 * * 1")
     assert proc.returncode == 2
     assert "prefect server start" in proc.stderr and "PREFECT_API_URL" in proc.stderr
 
 
 def test_serve_refuses_overrides_of_the_promotion_rules(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
-    proc = subprocess.run(
-        [str(Path(BIN) / "digitflow"), "serve", "-S", "retrain.max_class_drop=1"],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    proc = _serve_without_server(tmp_path, "-S", "retrain.max_class_drop=1")
     assert proc.returncode == 2
     assert "retrain.max_class_drop" in proc.stderr and "committed at HEAD" in proc.stderr
 
