@@ -169,9 +169,9 @@ def init_weights(model: nn.Module, scheme: str) -> nn.Module:
     PyTorch's layer default (kaiming-uniform with a=sqrt(5): weight variance 1/(3 fan_in))
     shrinks the activations' variance ~6x per ReLU layer, so the seed CNN's logits start
     near zero and its first epochs are slow. Glorot keeps the variance roughly constant
-    (it is Keras' default, the usual home of this 64-64-64 / 64-32-10 design); measured on
-    real MNIST, 5 epochs of the seed recipe: 97.3-97.9 % with torch init, 97.9-98.4 % with
-    glorot (3 seeds; README). BatchNorm layers keep their defaults (weight 1, bias 0).
+    (it is Keras' default). Measured on real MNIST, the seed recipe's 5th epoch, seeds
+    42/0/1: 98.01/97.78/97.48 % with torch init, 97.95/98.33/98.43 % with glorot (README).
+    BatchNorm layers keep their defaults (weight 1, bias 0).
     """
     if scheme == "torch":
         return model
