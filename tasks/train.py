@@ -296,7 +296,8 @@ def train(
             }  # fmt: skip
             history.append(row)
             _log_epoch(live, row)
-            if val_acc > best["val_accuracy"]:  # strict: ties keep the earlier epoch
+            # strict: ties keep the earlier epoch; keep=last needs no copy of the weights
+            if params.keep == "best" and val_acc > best["val_accuracy"]:
                 state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
                 best = {"epoch": epoch, "val_accuracy": val_acc, "state": state}
             log.info(
