@@ -24,33 +24,40 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-EVAL_METRICS = "data/evaluate/metrics.json"
+# The rows change the seed model's recipe (params.yaml train.seed) and compare its metrics.
+MODEL = "seed"
+EVAL_METRICS = f"data/evaluate/{MODEL}/metrics.json"
+TRAIN_METRICS = f"data/train/{MODEL}/metrics.json"
 # Reproduce up to this stage: the metrics compared here are the evaluate stage's
-TARGET = "evaluate"
+TARGET = f"evaluate@{MODEL}"
 
 # What every improved row shares: 54k/6k split, MNIST normalization, 20 epochs of batch 128
 # with bf16 autocast (this CPU has AMX; see README "Speed").
 COMMON = [
     "split.val_fraction=0.1",
-    "train.model=improved",
-    "train.epochs=20",
-    "train.batch_size=128",
-    "train.normalize.mean=0.1307",
-    "train.normalize.std=0.3081",
-    "train.amp=true",
-    "train.batchnorm=false",
-    "train.lr=0.001",
+    "train.seed.model=improved",
+    "train.seed.epochs=20",
+    "train.seed.batch_size=128",
+    "train.seed.normalize.mean=0.1307",
+    "train.seed.normalize.std=0.3081",
+    "train.seed.amp=true",
+    "train.seed.batchnorm=false",
+    "train.seed.lr=0.001",
 ]
 # (name, what the row adds, its overrides on top of COMMON and the rows above)
 ROWS: list[tuple[str, str, list[str]]] = [
     ("abl-0-seed", "the seed recipe (default params.yaml)", []),
     ("abl-1-net", "improved net (same-padded 32-64-128), 54k train, 20 epochs", COMMON),
-    ("abl-2-bn", "+ BatchNorm", ["train.batchnorm=true"]),
-    ("abl-3-dropout", "+ Dropout 0.25", ["train.dropout=0.25"]),
+    ("abl-2-bn", "+ BatchNorm", ["train.seed.batchnorm=true"]),
+    ("abl-3-dropout", "+ Dropout 0.25", ["train.seed.dropout=0.25"]),
     (
         "abl-4-augment",
         "+ augmentation (rotate 10°, zoom ±10 %, shift ±10 %)",
-        ["train.augment.rotate_deg=10", "train.augment.scale=0.1", "train.augment.translate=0.1"],
+        [
+            "train.seed.augment.rotate_deg=10",
+            "train.seed.augment.scale=0.1",
+            "train.seed.augment.translate=0.1",
+        ],
     ),
     (
         "abl-5-onecycle",
@@ -58,7 +65,7 @@ ROWS: list[tuple[str, str, list[str]]] = [
         # OneCycle anneals the rate to ~0 in the last epochs: its final weights are the ones
         # the schedule is built to give; the 6,000 validation images tell epochs that are a
         # few images apart at 99.5 % from noise (keep=best here: epoch 16, 99.57 % test)
-        ["train.schedule=onecycle", "train.lr=0.003", "train.keep=last"],
+        ["train.seed.schedule=onecycle", "train.seed.lr=0.003", "train.seed.keep=last"],
     ),
 ]
 
@@ -128,8 +135,8 @@ def run_rows(skip_existing: bool) -> dict[str, float]:
 # The seed recipe's two choices beyond the report's text, over three seeds (README):
 # PyTorch's default init and the last epoch (the plain way), Glorot init, then keep = best.
 SEED_VARIANTS = {
-    "torch-last": ["train.init=torch", "train.keep=last"],
-    "glorot-last": ["train.keep=last"],
+    "torch-last": ["train.seed.init=torch", "train.seed.keep=last"],
+    "glorot-last": ["train.seed.keep=last"],
     "glorot-best": [],  # the defaults
 }
 SEED_RECIPE_SEEDS = (42, 0, 1)
@@ -138,7 +145,7 @@ SEED_RECIPE_SEEDS = (42, 0, 1)
 def seed_variant_runs() -> list[tuple[str, str, int, list[str]]]:
     """(experiment name, variant, seed, overrides) of the seed-recipe comparison."""
     return [
-        (f"seedrec-{variant}-s{seed}", variant, seed, [*flags, f"train.seed={seed}"])
+        (f"seedrec-{variant}-s{seed}", variant, seed, [*flags, f"train.seed.seed={seed}"])
         for variant, flags in SEED_VARIANTS.items()
         for seed in SEED_RECIPE_SEEDS
     ]
@@ -174,7 +181,7 @@ def run_queue(runs: list[tuple[str, list[str]]], skip_existing: bool) -> None:
 
 def row_cells(metrics: dict[str, Any]) -> tuple[float, int, float, int]:
     """(test accuracy, test errors, kept epoch's val accuracy, kept epoch)."""
-    ev, tr = metrics[EVAL_METRICS], metrics["data/train/metrics.json"]
+    ev, tr = metrics[EVAL_METRICS], metrics[TRAIN_METRICS]
     return ev["accuracy"], ev["errors"], tr["val"]["accuracy"], tr.get("kept_epoch", tr["step"])
 
 
@@ -192,7 +199,7 @@ def main() -> None:
 
     seconds = run_rows(args.skip_existing)
     preset = preset_overrides()
-    queue = [(f"preset-s{s}", [*preset, f"train.seed={s}"]) for s in args.seeds]
+    queue = [(f"preset-s{s}", [*preset, f"train.seed.seed={s}"]) for s in args.seeds]
     if args.seed_recipe:
         queue += [(name, overrides) for name, _, _, overrides in seed_variant_runs()]
     run_queue(queue, args.skip_existing)
@@ -210,7 +217,7 @@ def main() -> None:
 
     runs = [("abl-5-onecycle", 42)] + [(f"preset-s{s}", s) for s in args.seeds]
     accs = sorted(exps[name][EVAL_METRICS]["accuracy"] for name, _ in runs)
-    print("\n| `train.seed` | experiment | test accuracy | test errors |\n|---|---|---|---|")
+    print("\n| `train.seed.seed` | experiment | test accuracy | test errors |\n|---|---|---|---|")
     for name, seed in runs:
         acc, errors, _, _ = row_cells(exps[name])
         print(f"| {seed} | `{name}` | {acc:.2%} | {errors} |")

@@ -266,7 +266,10 @@ def main() -> None:
         help="local MNIST folder ($MNIST_MIRROR of the download stage)",
     )
     ap.add_argument(
-        "--epochs", type=int, default=None, help="override train.epochs (None: params.yaml's)"
+        "--epochs",
+        type=int,
+        default=None,
+        help="override every recipe's epochs (None: params.yaml's)",
     )
     ap.add_argument(
         "--repeats",
@@ -293,11 +296,16 @@ def main() -> None:
     if not args.mirror.is_dir():
         ap.error(f"--mirror {args.mirror}: no such folder (a local copy of the MNIST files)")
 
-    overrides: dict[str, Any] = {"train": {"epochs": args.epochs}} if args.epochs else {}
-    epochs = args.epochs or yaml.safe_load((PROJECT / "params.yaml").read_text())["train"]["epochs"]
+    recipes = yaml.safe_load((PROJECT / "params.yaml").read_text())["train"]
+    overrides: dict[str, Any] = (
+        {"train": {name: {**r, "epochs": args.epochs} for name, r in recipes.items()}}
+        if args.epochs
+        else {}
+    )
+    epochs = args.epochs or {name: r["epochs"] for name, r in recipes.items()}
     results: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "config": f"params.yaml with train.epochs={epochs}",
+        "config": f"params.yaml with epochs {epochs}",
         "repeats": args.repeats,
         "order": abba_order(args.repeats),
     }

@@ -19,7 +19,7 @@ The targets are checked and printed as PASS / FAIL / SKIP lines (exit code 1 if
 any fails) and recorded with the results in benchmarks/results/predict_speed.json:
 
 * 10,000 MNIST PNGs: >= 2,000 images/s, accuracy within 0.1 percentage point of
-  data/evaluate/metrics.json's ``accuracy`` (the evaluate stage, same model);
+  data/evaluate/<model>/metrics.json's ``accuracy`` (the evaluate stage, same model);
 * 2,000 photo-like JPEGs: >= 300 images/s, accuracy >= 97 %;
 * every run: peak RSS <= 1.5 GB; with ``--large``, the 100,000-file peak within
   +10 % of the 10,000-file one (memory does not grow with the folder).
@@ -27,7 +27,7 @@ any fails) and recorded with the results in benchmarks/results/predict_speed.jso
 Smaller sets (``--mnist``, ``--photos``: smoke runs) skip the speed and accuracy targets.
 
     flock /tmp/digitflow-cpu.lock .venv/bin/python -m benchmarks.predict_speed \\
-        --model data/model/model.pt [--large]
+        [--model data/models/robust/model.pt] [--large]
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ import cv2
 import numpy as np
 import torch
 
+from flows.pipeline import EVAL_METRICS, eval_path
+from flows.predict_cmd import model_file
+from tasks.config import load_params
 from tasks.data import load_arrays
 from tasks.model import load_model, normalize_uint8
 from tasks.preprocess import naive_28
@@ -290,13 +293,14 @@ def print_checks(checks: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", type=Path, default=ROOT / "data/model/model.pt")
+    served = load_params(ROOT / "params.yaml").predict.model  # the model predict uses
+    ap.add_argument("--model", type=Path, default=ROOT / model_file(served))
     ap.add_argument("--test", type=Path, default=ROOT / "data/prepared/test.npz")
     ap.add_argument("--mnist", type=int, default=MNIST_FILES, help="MNIST test PNGs to write")
     ap.add_argument("--photos", type=int, default=PHOTO_FILES, help="photo-like JPEGs to render")
     ap.add_argument("--large", action="store_true", help="also run 100,000 PNGs (memory)")
     ap.add_argument(
-        "--metrics", type=Path, default=ROOT / "data/evaluate/metrics.json",
+        "--metrics", type=Path, default=ROOT / eval_path(served, EVAL_METRICS),
         help="the evaluate stage's metrics (its accuracy is the MNIST PNGs' target)",
     )  # fmt: skip
     ap.add_argument("--workdir", type=Path, default=None, help="keep the images here")

@@ -24,7 +24,11 @@ app = typer.Typer(
 )
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read")]
+RecipeOpt = Annotated[
+    str, typer.Option("--recipe", help="training recipe: a section of params.yaml `train`")
+]
 DEFAULT_PARAMS = Path("params.yaml")
+DEFAULT_RECIPE = "seed"
 # JSON {file name: sha256} replacing MNIST's checksums, for MNIST-format data of your own
 CHECKSUMS_ENV = "DIGITFLOW_MNIST_CHECKSUMS"
 
@@ -111,20 +115,23 @@ def train(
     data: Annotated[Path, typer.Option(help="folder with train.npz and val.npz")] = Path(
         "data/prepared"
     ),
-    model: Annotated[Path, typer.Option(help="model file to write")] = Path("data/model/model.pt"),
+    model: Annotated[Path, typer.Option(help="model file to write")] = Path(
+        "data/models/seed/model.pt"
+    ),
     live_dir: Annotated[Path, typer.Option(help="dvclive metrics/plots folder")] = Path(
-        "data/train"
+        "data/train/seed"
     ),
     checkpoint: Annotated[Path, typer.Option(help="resume checkpoint (removed when done)")] = Path(
-        "data/checkpoints/train.pt"
+        "data/checkpoints/seed.pt"
     ),
+    recipe: RecipeOpt = DEFAULT_RECIPE,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
-    """Train the CNN; resumes from the checkpoint of an interrupted identical run."""
+    """Train the CNN with a recipe; resumes from the checkpoint of an interrupted identical run."""
     from tasks.config import load_params
     from tasks.train import train as train_step
 
-    p = load_params(params).train
+    p = load_params(params).recipe(recipe)
     result = train_step(data / "train.npz", data / "val.npz", model, live_dir, checkpoint, p)
     last = result.history[-1]
     typer.echo(f"wrote {model}: val_accuracy {last['val_accuracy']:.4f}")
@@ -133,9 +140,12 @@ def train(
 @app.command()
 @_fail_cleanly
 def evaluate(
-    model: Annotated[Path, typer.Option(help="model file")] = Path("data/model/model.pt"),
+    model: Annotated[Path, typer.Option(help="model file")] = Path("data/models/seed/model.pt"),
     test: Annotated[Path, typer.Option(help="test set .npz")] = Path("data/prepared/test.npz"),
-    out: Annotated[Path, typer.Option(help="folder for metrics and plots")] = Path("data/evaluate"),
+    out: Annotated[Path, typer.Option(help="folder for metrics and plots")] = Path(
+        "data/evaluate/seed"
+    ),
+    recipe: RecipeOpt = DEFAULT_RECIPE,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Test accuracy, per-class metrics, confusion matrix, most-confused pairs."""
@@ -144,17 +154,21 @@ def evaluate(
 
     all_params = load_params(params)
     p = all_params.evaluate
-    result = evaluate_step(model, test, out, p.batch_size, p.top_confused, all_params.train.device)
+    device = all_params.recipe(recipe).device  # where the recipe trains, the model is scored
+    result = evaluate_step(model, test, out, p.batch_size, p.top_confused, device)
     typer.echo(f"test accuracy {result.metrics['accuracy']:.4f} -> {result.metrics_path}")
 
 
 @app.command()
 @_fail_cleanly
 def report(
-    model: Annotated[Path, typer.Option(help="model file")] = Path("data/model/model.pt"),
-    eval_dir: Annotated[Path, typer.Option(help="evaluate stage output")] = Path("data/evaluate"),
+    model: Annotated[Path, typer.Option(help="model file")] = Path("data/models/seed/model.pt"),
+    eval_dir: Annotated[Path, typer.Option(help="evaluate stage output")] = Path(
+        "data/evaluate/seed"
+    ),
     test: Annotated[Path, typer.Option(help="test set .npz")] = Path("data/prepared/test.npz"),
-    out: Annotated[Path, typer.Option(help="report folder")] = Path("data/report"),
+    out: Annotated[Path, typer.Option(help="report folder")] = Path("data/report/seed"),
+    recipe: RecipeOpt = DEFAULT_RECIPE,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Markdown report with figures, filled from this run."""
@@ -163,7 +177,12 @@ def report(
 
     p = load_params(params)
     # the sections that shaped this run's numbers (the report stage's params in dvc.yaml)
-    shown = {name: to_dict(getattr(p, name)) for name in ("split", "train", "evaluate", "report")}
+    shown = {
+        "split": to_dict(p.split),
+        f"train.{recipe}": to_dict(p.recipe(recipe)),
+        "evaluate": to_dict(p.evaluate),
+        "report": to_dict(p.report),
+    }
     path = write_report(model, eval_dir, test, out, shown, p.report.n_misclassified)
     typer.echo(f"wrote {path}")
 

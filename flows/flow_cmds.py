@@ -18,8 +18,9 @@ SetOpt = Annotated[
         "--set-param",
         "-S",
         help="param override for the challenger, Hydra syntax as in `dvc exp run -S` "
-        "(e.g. -S train.epochs=10); repeatable. The retrain.* promotion rules cannot be "
-        "overridden: they are read from params.yaml as committed at HEAD",
+        "(e.g. -S train.robust.epochs=10, -S models.robust=improved); repeatable. "
+        "The retrain.* promotion rules cannot be overridden: they are read from "
+        "params.yaml as committed at HEAD",
     ),
 ]
 # The URL `prefect server start` serves its API on by default.

@@ -30,10 +30,18 @@ ARTIFACT_METRICS = "digitflow-metrics"
 ARTIFACT_PER_CLASS = "digitflow-per-class"
 ARTIFACT_CONFUSION = "digitflow-confusion-matrix"
 
-# Where the evaluate stage writes (dvc.yaml `evaluate` outs).
-EVAL_METRICS = "data/evaluate/metrics.json"
-EVAL_CLASSES = "data/evaluate/classes.json"
-EVAL_CONFUSION = "data/evaluate/confusion.csv"
+# Where the evaluate stage of each model writes (dvc.yaml `evaluate` outs). The flows
+# publish and judge the prediction model's (params.yaml predict.model).
+EVAL_DIR = "data/evaluate/{model}"
+EVAL_METRICS = "metrics.json"
+EVAL_CLASSES = "classes.json"
+EVAL_CONFUSION = "confusion.csv"
+
+
+def eval_path(model: str, file: str) -> str:
+    """The evaluate stage's output ``file`` for pipeline model ``model``, relative to the repo."""
+    return f"{EVAL_DIR.format(model=model)}/{file}"
+
 
 # The stage with Prefect-level retries: the only one that talks to the network.
 RETRIED_STAGE = "download"
@@ -244,21 +252,24 @@ def confusion_rows(confusion_csv: Path) -> list[dict[str, Any]]:
     return [{"actual": str(a), **{str(p): counts[a][p] for p in range(10)}} for a in range(10)]
 
 
-def publish_artifacts(root: Path, baseline: str | None, stages: list[dict[str, Any]]) -> None:
-    """Markdown (headline metrics + diff), per-class table and confusion-matrix artifacts."""
+def publish_artifacts(
+    root: Path, baseline: str | None, stages: list[dict[str, Any]], model: str
+) -> None:
+    """Markdown (headline metrics + diff), per-class table and confusion-matrix artifacts
+    of pipeline model ``model``."""
     logger = get_run_logger()
-    metrics_path = root / EVAL_METRICS
+    metrics_path = root / eval_path(model, EVAL_METRICS)
     if not metrics_path.is_file():
-        logger.warning("no %s: this pipeline has no evaluate stage; no artifacts", EVAL_METRICS)
+        logger.warning("no %s: this pipeline has no evaluate stage; no artifacts", metrics_path)
         return
     metrics = json.loads(metrics_path.read_text())
     diff = metrics_diff(root, baseline) if baseline else {}
     create_markdown_artifact(
         key=ARTIFACT_METRICS,
         markdown=metrics_markdown(metrics, diff, baseline, stages),
-        description=f"test metrics of {root.name}, diff against {baseline}",
+        description=f"test metrics of model {model!r} in {root.name}, diff against {baseline}",
     )
-    per_class = json.loads((root / EVAL_CLASSES).read_text())["per_class"]
+    per_class = json.loads((root / eval_path(model, EVAL_CLASSES)).read_text())["per_class"]
     create_table_artifact(
         key=ARTIFACT_PER_CLASS,
         table=[
@@ -273,7 +284,7 @@ def publish_artifacts(root: Path, baseline: str | None, stages: list[dict[str, A
     )
     create_table_artifact(
         key=ARTIFACT_CONFUSION,
-        table=confusion_rows(root / EVAL_CONFUSION),
+        table=confusion_rows(root / eval_path(model, EVAL_CONFUSION)),
         description="confusion matrix on the test set (rows: actual, columns: predicted)",
     )
 
@@ -309,5 +320,7 @@ def training_pipeline(root: str = ".", baseline: str | None = None) -> list[dict
                 backoff_factor=params.pipeline.retry_delay_s
             )
         results.append(run_stage.with_options(**options)(str(repo_root), stage.target))
-    publish_artifacts(repo_root, baseline or default_baseline(repo_root), results)
+    publish_artifacts(
+        repo_root, baseline or default_baseline(repo_root), results, params.predict.model
+    )
     return results

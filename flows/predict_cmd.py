@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 # Defaults, relative to the project: the nearest folder, from the current one up, that
 # holds dvc.yaml (so `digitflow predict` works from any subfolder); without one, relative
 # to the current folder.
-DEFAULT_MODEL = Path("data/model/model.pt")  # the training pipeline's model
+# The pipeline's model files (dvc.yaml `train` outs); predict uses params.yaml predict.model
+MODEL_FILE = "data/models/{name}/model.pt"
 DEFAULT_PARAMS = Path("params.yaml")
 PROJECT_MARKER = "dvc.yaml"
 MAX_PROBLEMS_SHOWN = 10  # non-ok rows listed on stderr; the output file has them all
@@ -41,8 +42,9 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="model file [default: the pipeline's data/model/model.pt, in the nearest folder "
-        "holding dvc.yaml from the current one up]",
+        help="model file [default: the pipeline's prediction model, "
+        "data/models/<predict.model>/model.pt (robust), in the nearest folder holding "
+        "dvc.yaml from the current one up]",
         show_default=False,
     ),
 ]
@@ -113,15 +115,20 @@ def _default_path(relative: Path) -> tuple[Path, str]:
     return root / relative, f"the project in {root}"
 
 
-def _model_path(model: Path | None) -> Path:
-    """--model, or the project's model; a missing default model is a usage error saying where."""
+def model_file(name: str) -> Path:
+    """The pipeline's model file of model ``name`` (a key of params.yaml `models`)."""
+    return Path(MODEL_FILE.format(name=name))
+
+
+def _model_path(model: Path | None, name: str) -> Path:
+    """--model, or the project's model ``name``; a missing default is a usage error saying where."""
     if model is not None:
         return model
-    path, where = _default_path(DEFAULT_MODEL)
+    path, where = _default_path(model_file(name))
     if not path.is_file():
         raise _usage_error(
             f"model file not found: {path} (the default model, {where}); "
-            "train it with `dvc repro train` or pass --model"
+            f"train it with `dvc repro train@{name}` or pass --model"
         )
     return path
 
@@ -184,7 +191,7 @@ def predict(
         p = _predict_params(params)
         summary = predict_paths(
             paths,
-            model_path=_model_path(model),
+            model_path=_model_path(model, p.model),
             out_path=out,
             fmt=_format_for(out, fmt),
             batch_size=batch_size or p.batch_size,
@@ -240,7 +247,7 @@ def batch_predict(
     try:
         summary = run_batch_predict(
             paths,
-            model_path=_model_path(model),
+            model_path=_model_path(model, p.model),
             out_path=out,
             fmt=_format_for(out, fmt),
             chunk_size=chunk_size or p.chunk_size,

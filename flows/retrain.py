@@ -3,7 +3,8 @@
 Promotion scheme (git tags ``model@vN``):
 
 * The champion is the newest tag ``model@vN``; its metrics are read from git
-  (``git show model@vN:data/evaluate/metrics.json``). No tag yet: the first
+  (``git show model@vN:data/evaluate/<model>/metrics.json``, ``<model>`` being the
+  prediction model, params.yaml predict.model). No tag yet: the first
   challenger that completes is promoted as ``model@v1``.
 * The challenger runs the ``training_pipeline`` flow in a temporary detached git
   worktree of HEAD (param overrides applied to its params.yaml, Hydra syntax as
@@ -46,6 +47,7 @@ from flows.pipeline import (
     EVAL_CLASSES,
     EVAL_METRICS,
     TAG_PREFIX,
+    eval_path,
     latest_champion,
     training_pipeline,
 )
@@ -310,15 +312,19 @@ def retrain(root: str = ".", overrides: list[str] | None = None) -> dict[str, An
         if overrides:
             apply_overrides(worktree / "params.yaml", overrides)
         # validated here (overrides included): bad overrides fail before any training
-        load_params(worktree / "params.yaml")
+        served = load_params(worktree / "params.yaml").predict.model  # the model judged
         training_pipeline(root=str(worktree), baseline=champion_tag)
 
-        challenger_metrics = json.loads((worktree / EVAL_METRICS).read_text())
-        challenger_classes = json.loads((worktree / EVAL_CLASSES).read_text())
+        metrics_file, classes_file = (
+            eval_path(served, EVAL_METRICS),
+            eval_path(served, EVAL_CLASSES),
+        )
+        challenger_metrics = json.loads((worktree / metrics_file).read_text())
+        challenger_classes = json.loads((worktree / classes_file).read_text())
         champion_metrics = champion_classes = None
         if champion_tag:
-            champion_metrics = read_at_rev(repo_root, champion_tag, EVAL_METRICS)
-            champion_classes = read_at_rev(repo_root, champion_tag, EVAL_CLASSES)
+            champion_metrics = read_at_rev(repo_root, champion_tag, metrics_file)
+            champion_classes = read_at_rev(repo_root, champion_tag, classes_file)
         decision = judge(
             champion_metrics, champion_classes, challenger_metrics, challenger_classes, rules
         )

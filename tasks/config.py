@@ -70,15 +70,33 @@ class NormalizeParams:
 
 @dataclass(frozen=True)
 class AugmentParams:
-    # Per-sample random affine of each training batch, on the training device.
-    # All zero (the seed recipe) switches augmentation off.
+    # Per-sample random augmentation of each training batch, on the training device.
+    # All zero (the seed recipe) switches augmentation off. The geometric ones model where
+    # and how a hand puts a digit; stroke, blur and contrast model the pens and cameras
+    # that real photos come from (MNIST's strokes are all one pen, ~2-3 px at 28x28).
     rotate_deg: float = 0.0  # rotation drawn uniformly from [-rotate_deg, +rotate_deg] degrees
     scale: float = 0.0  # zoom factor drawn from [1 - scale, 1 + scale]
     translate: float = 0.0  # shift per axis, fraction of the image side, in [-t, +t]
+    shear_deg: float = 0.0  # horizontal shear (slant) drawn from [-shear_deg, +shear_deg]
+    elastic_px: float = 0.0  # max displacement of a smooth random warp, in pixels
+    stroke: float = 0.0  # stroke width change: thin (erode) .. thicken (dilate) by up to this
+    blur: float = 0.0  # blend towards a Gaussian-blurred copy by up to this share
+    contrast: float = 0.0  # ink intensity scaled by a factor drawn from [1 - contrast, 1]
+    # share of each batch that is augmented; the rest stays as MNIST drew it, so a short
+    # training run learns the clean digits (the test set) as well as the varied ones
+    share: float = 1.0
 
     @property
     def enabled(self) -> bool:
-        return self.rotate_deg > 0 or self.scale > 0 or self.translate > 0
+        transforms = dataclasses.astuple(dataclasses.replace(self, share=0.0))
+        return self.share > 0 and any(v > 0 for v in transforms)
+
+    @property
+    def geometric(self) -> bool:
+        return (
+            self.rotate_deg > 0 or self.scale > 0 or self.translate > 0
+            or self.shear_deg > 0 or self.elastic_px > 0
+        )  # fmt: skip
 
     def validate(self, p: str) -> None:
         _check(
@@ -92,6 +110,17 @@ class AugmentParams:
             f"{p}.translate",
             f"must be in [0, 0.5], got {self.translate}",
         )
+        _check(
+            0 <= self.shear_deg < 90, f"{p}.shear_deg", f"must be in [0, 90), got {self.shear_deg}"
+        )
+        _check(
+            0 <= self.elastic_px <= 8,
+            f"{p}.elastic_px",
+            f"must be in [0, 8] pixels, got {self.elastic_px}",
+        )
+        for name in ("stroke", "blur", "contrast", "share"):
+            value = getattr(self, name)
+            _check(0 <= value <= 1, f"{p}.{name}", f"must be in [0, 1], got {value}")
 
 
 @dataclass(frozen=True)
@@ -112,6 +141,7 @@ class TrainParams:
     # improved model only (the seed CNN has neither): BatchNorm after each conv / hidden layer
     batchnorm: bool = False
     dropout: float = 0.0  # improved model only: dropout before each linear layer
+    width: int = 32  # improved model only: channels of its first block (then 2x, 4x)
     augment: AugmentParams = field(default_factory=AugmentParams)
     schedule: Literal["constant", "onecycle"] = "constant"  # learning rate per step
     # NHWC activations: torch's CPU max-pool is ~20x faster on NHWC than on NCHW maps
@@ -124,6 +154,7 @@ class TrainParams:
         _check(self.batch_size >= 1, f"{p}.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.lr > 0, f"{p}.lr", f"must be > 0, got {self.lr}")
         _check(0 <= self.dropout < 1, f"{p}.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(1 <= self.width <= 512, f"{p}.width", f"must be in [1, 512], got {self.width}")
         # the seed CNN is kept layer for layer, so its numbers stay reproducible
         _check(
             self.model != "seed" or not self.batchnorm,
@@ -162,6 +193,9 @@ class ReportParams:
 
 @dataclass(frozen=True)
 class PredictParams:
+    # the pipeline model `digitflow predict` and the DVC predict stage use (a key of `models`;
+    # params.yaml names the robust one, these built-in defaults know only the seed report's)
+    model: str = "seed"
     batch_size: int = 256  # images per forward pass
     workers: int = 2  # decoding threads (cv2 releases the GIL); this machine has 2 cores
     preprocess: bool = True  # MNIST-style preprocessing of photos; false for MNIST-like inputs
@@ -195,11 +229,21 @@ class RetrainParams:
         _check(0 <= self.max_class_drop < 1, f"{p}.max_class_drop", "must be in [0, 1)")
 
 
+def _default_recipes() -> dict[str, TrainParams]:
+    return {"seed": TrainParams()}
+
+
+def _default_models() -> dict[str, str]:
+    return {"seed": "seed"}
+
+
 @dataclass(frozen=True)
 class Params:
     download: DownloadParams = field(default_factory=DownloadParams)
     split: SplitParams = field(default_factory=SplitParams)
-    train: TrainParams = field(default_factory=TrainParams)
+    # named training recipes; `models` says which one each pipeline model is trained with
+    train: dict[str, TrainParams] = field(default_factory=_default_recipes)
+    models: dict[str, str] = field(default_factory=_default_models)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     report: ReportParams = field(default_factory=ReportParams)
     predict: PredictParams = field(default_factory=PredictParams)
@@ -207,7 +251,29 @@ class Params:
     retrain: RetrainParams = field(default_factory=RetrainParams)
 
     def validate(self, p: str = "") -> None:
-        """Sections validate themselves; _validate_tree walks into them."""
+        """Sections validate themselves (_validate_tree walks into them); here, what links them."""
+        _check(bool(self.train), "train", "needs at least one recipe")
+        _check(bool(self.models), "models", "needs at least one model")
+        for name, recipe in self.models.items():
+            _check(
+                recipe in self.train,
+                f"models.{name}",
+                f"unknown recipe {recipe!r} (the train section has: {', '.join(self.train)})",
+            )
+        _check(
+            self.predict.model in self.models,
+            "predict.model",
+            f"unknown model {self.predict.model!r} (models: {', '.join(self.models)})",
+        )
+
+    def recipe(self, name: str) -> TrainParams:
+        """The training recipe ``train.<name>``; an unknown name is a ParamsError."""
+        _check(
+            name in self.train,
+            f"train.{name}",
+            f"no such recipe (the train section has: {', '.join(self.train)})",
+        )
+        return self.train[name]
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -219,6 +285,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         _check(value in get_args(tp), key, f"must be one of {list(get_args(tp))}, got {value!r}")
         return value
+    if origin is dict:
+        _check(isinstance(value, dict), key, f"must be a mapping, got {type(value).__name__}")
+        key_type, item = get_args(tp)
+        for k in value:
+            _check(isinstance(k, key_type), f"{key}.{k}", "keys must be names (strings)")
+        return {k: _coerce(v, item, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         _check(isinstance(value, list), key, f"must be a list, got {type(value).__name__}")
         (item,) = get_args(tp)
@@ -267,11 +339,16 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 def _validate_tree(obj: Any, prefix: str) -> None:
     """Run ``validate(prefix)`` of ``obj`` and of every dataclass nested in it."""
-    obj.validate(prefix)
     for f in dataclasses.fields(obj):
         child = getattr(obj, f.name)
+        where = f"{prefix}.{f.name}" if prefix else f.name
         if dataclasses.is_dataclass(child):
-            _validate_tree(child, f"{prefix}.{f.name}" if prefix else f.name)
+            _validate_tree(child, where)
+        elif isinstance(child, dict):  # named sections, e.g. the train recipes
+            for k, v in child.items():
+                if dataclasses.is_dataclass(v):
+                    _validate_tree(v, f"{where}.{k}")
+    obj.validate(prefix)
 
 
 def parse_params(data: dict[str, Any] | None) -> Params:

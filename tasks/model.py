@@ -70,20 +70,24 @@ class ImprovedCNN(nn.Module):
     -> flatten 1152 -> 128 -> 10. 'same' padding keeps the border strokes the seed's valid
     convs cut off; the widths grow as the maps shrink, so each block costs about the same
     (~3.6 M multiply-adds for the last two): ~7.6 M per image vs the seed's ~5.3 M.
-    ``batchnorm`` and ``dropout`` are switches so the README's ablation can add them one at a time.
+    ``batchnorm`` and ``dropout`` are switches so the README's ablation can add them one at a time;
+    ``width`` scales the channels (w, 2w, 4w): the multiply-adds grow with its square.
     """
 
-    def __init__(self, num_classes: int = 10, batchnorm: bool = True, dropout: float = 0.0):
+    def __init__(
+        self, num_classes: int = 10, batchnorm: bool = True, dropout: float = 0.0, width: int = 32
+    ):
         super().__init__()
+        w = width  # channels of the first block; each block doubles them
         self.features = nn.Sequential(
-            *_conv_block(1, 32, 5, batchnorm),  # 5x5 first: a wider view of the thin strokes
-            *_conv_block(32, 64, 3, batchnorm),
-            *_conv_block(64, 128, 3, batchnorm),
+            *_conv_block(1, w, 5, batchnorm),  # 5x5 first: a wider view of the thin strokes
+            *_conv_block(w, 2 * w, 3, batchnorm),
+            *_conv_block(2 * w, 4 * w, 3, batchnorm),
         )
         self.classifier = nn.Sequential(
-            nn.Flatten(),  # (B, 128, 3, 3) -> (B, 1152)
+            nn.Flatten(),  # (B, 4w, 3, 3) -> (B, 36w): 1152 at the default width 32
             nn.Dropout(dropout),
-            nn.Linear(128 * 3 * 3, 128, bias=not batchnorm),
+            nn.Linear(4 * w * 3 * 3, 128, bias=not batchnorm),
             nn.BatchNorm1d(128) if batchnorm else nn.Identity(),
             nn.ReLU(),
             nn.Dropout(dropout),

@@ -6,14 +6,19 @@ centre, white ink on black. Photos of digits are dark ink on light paper, anywhe
 in the frame, at any size, with noise, shading and ruled lines; resizing the
 whole photo to 28x28 (the seed's way) gives the network something it never saw.
 
-Pipeline (``to_mnist``): grayscale (alpha composited onto white) -> polarity
-(ink made bright) -> flatten the background and denoise -> Otsu threshold ->
-drop ruled lines, frame borders and specks -> the main ink components -> crop
-to their box -> longer side to 20 px -> pad to 28x28 centred on the centre of
-mass. 28x28 inputs that already look like MNIST pass through untouched.
+Pipeline (``to_mnist``): the channel that shows the ink (gray, or for coloured
+ink the colour channel that separates it from the paper best; alpha composited
+onto white) -> polarity (ink made bright) -> denoise and flatten the background
+-> Otsu threshold; ink only where it stands out from the image's own noise and
+has edges (else the other polarity is tried) -> drop ruled lines (only those
+running on past the digit on both ends), frame borders and specks -> the main
+ink components -> crop to their box -> strokes dilated or eroded to MNIST's
+width -> longer side to 20 px -> pad to 28x28 centred on the centre of mass.
+28x28 inputs that already look like MNIST pass through untouched. ``Steps``
+switches the newer steps off one at a time (benchmarks/real_digits.py --ablation).
 
-Decoding is memory-bounded (``load_gray``): the header gives the dimensions,
-channels and sample size before anything is decoded, for every format this
+Decoding is memory-bounded (``load_image``, ``load_gray``): the header gives the
+dimensions, channels and sample size before anything is decoded, for every format this
 OpenCV build reads (PNG, JPEG, BMP, GIF, WebP, TIFF and BigTIFF, PNM/PAM/PFM,
 Sun raster, Radiance HDR, JPEG 2000, AVIF); an image whose decoding would take
 more than ``MAX_PIXELS`` pixels or ``MAX_DECODE_BYTES`` bytes is refused, except
@@ -65,8 +70,28 @@ MNIST_COM = 14.0  # ... and put its centre of mass here (measured: 13.99, 14.00 
 WORK_MAX_SIDE = 320
 
 # Preprocessing thresholds, as fractions of the (working) image so they hold at any resolution.
-MIN_CONTRAST = 40  # grey levels between ink and paper below which there is no ink
-FAINT_INK = MIN_CONTRAST // 2  # above the flattened, blurred paper's noise: faint ink or lines
+# Is there ink at all? The stroke core (Otsu's bright class, median) must stand out from
+# the paper (its dark class, mean) by NOISE_SIGMAS times the image's own noise (measured
+# on the same blurred image, see _noise_sigma), so faint ballpoint on a clean scan is
+# found while noise is not. A normal sample split by Otsu gives core - paper ~ 1.5 sigma:
+# 5 sigma is far out of its reach, and a contrast-20 stroke on paper with sigma 3 (a
+# phone photo after the blur) still passes. (The former fixed floor, 40 grey levels,
+# lost faint ballpoint, blue pen on white and small low-contrast crops.)
+NOISE_SIGMAS = 5.0
+MIN_INK_CONTRAST = 10  # grey levels whatever the noise: 8-bit steps, JPEG ringing of a canvas
+MAD_TO_SIGMA = 1.4826  # a normal's sigma per median absolute deviation (robust to the ink)
+FAINT_SIGMAS = 4.0  # faint ink / lines (line search) stand this far above the noise: 1 px in 10^4
+NOISE_STEP = 2  # px: the noise is measured on every 2nd pixel of every 2nd row (4x less work)
+NOISE_MEDIAN = 5  # px: the noise is the residual from a median this wide (wider than thin strokes)
+# With a floor this low, shading the flattening leaves (a vignette, a lamp's spot) could
+# pass for ink; ink has edges: at the outline of the ink mask, the level must change by
+# EDGE_SHARE of the ink's contrast within EDGE_WINDOW px (a blurred stroke edge still
+# does; a smooth shade's rim over tens of px changes by a fraction of it).
+EDGE_WINDOW = 7  # px
+EDGE_SHARE = 0.5
+EDGE_NOISE_SIGMAS = 4.0  # a 7x7 window's range of normal noise alone: ~4.5 sigma (~80% read)
+MIN_CONTRAST = 40  # the former fixed floor (grey levels), kept for Steps(noise_floor=False)
+FAINT_INK = MIN_CONTRAST // 2  # ... and its level of faint ink or lines (half the floor)
 SPECK_FRACTION = 0.05  # components smaller than this share of the main one are specks
 SPECK_MIN_AREA = 4  # ... and never count anything smaller than 2x2 px as ink
 MIN_INK_SIDE = 0.03  # the digit's box must span >= 3% of the image's longer side
@@ -75,21 +100,68 @@ LINE_MAX_THICKNESS = 3  # cells (of 4x4 px) a line may be thick; thicker runs ar
 LINE_MIN_IMAGE = 100  # no line search in small crops: a "7" bar could span half of them
 LINE_TILTS = (-2, -1, 0, 1, 2)  # degrees: photographed ruled lines are rarely level
 LINE_CELL_INK = 2  # ink pixels (of 16) that make a cell ink at the line-search scale
+# line ink with stroke ink within LINE_BRIDGE px on both sides of the line is the stroke's:
+# a line's zone is at most 4 cells (16 px) high
+LINE_BRIDGE = 16
 LINE_SCALE = 4  # line search runs on a 1/4 size mask: 16x fewer pixels, 4x shorter kernels
+# A long straight run is only removed as a ruled line when it runs on past the digit (the
+# ink without any such runs) on both ends by LINE_OVERHANG of the digit's extent along it
+# plus LINE_OVERHANG_CELLS: a digit's own bar or stem (the bar of a 4, the base of a 2,
+# the stem of a 1 or 7) ends where the rest of the digit does on at least one side,
+# however long it is. The cells cover the search's coarseness: a run's ends are known
+# to a cell, and removing the candidates eats up to 1.5 cells of the strokes they touch.
+LINE_OVERHANG = 0.1
+LINE_OVERHANG_CELLS = 3
+# With nothing but such runs in the image, they are lines only as a family of >= 2
+# parallel ones (ruled or squared paper); a lone one may be the stem of a "1".
+LINE_FAMILY = 2
 BACKGROUND_SIDE = 64  # shading is estimated on a 64 px thumbnail (it varies slowly) ...
 MIN_PAPER_SHARE = 0.2  # ... from its paper pixels, when they are at least a fifth of it
 BLUR_PER_PX = 1 / 400  # denoising sigma per pixel of the longer side (0.8 px at 320)
 NEAR_MNIST_INK = 64  # a 28x28 input is MNIST-like when its ink (>= 64) box is ...
 NEAR_MNIST_SIDES = (17, 21)  # ... 17-21 px on the longer side (20 in 99.9% of MNIST) ...
 NEAR_MNIST_COM = 1.0  # ... and its centre of mass within 1 px of the centre
+# ... on a black background: the median pixel of every MNIST test digit is 0, while a 28x28
+# photo of grey paper, inverted, keeps its paper at 40-60 and must be flattened like any photo
+NEAR_MNIST_PAPER = 16
+
+# Stroke width. Measured on MNIST's test set (ink mask >= 128 of the digits upsampled 8x,
+# 2 x distance to the paper at the stroke's ridge - 1): median 2.1 px at 28x28, 10-90%
+# 1.6-3.1 px. A digit whose strokes would come out thinner (a 1 px canvas stroke in a
+# 130 px drawing: 0.15 px, a faint hairline) or thicker (marker: loops filled) is
+# dilated or eroded in the crop to STROKE_TARGET; widths within STROKE_RANGE are
+# MNIST-like and left alone.
+STROKE_TARGET = 2.2  # px at 28x28
+STROKE_RANGE = (1.5, 7.0)  # px at 28x28
+STROKE_THIN_SHARE = 10  # percentile of the ridge widths: the thin parts erosion must not remove
+
+# Colour: where gray shows the ink poorly, the channel that separates ink from paper best
+# replaces it. Candidates are B, G, R and the distance from the paper's (median) colour,
+# scored by their contrast-to-noise ratio (the ink test's figures) on a thumbnail. Gray
+# is kept whenever it shows ink at twice the margin the ink test asks: then the digit is
+# the darkest thing there, and a channel with more contrast may show something else (on
+# a canvas with yellow scribbles around a dark-blue digit, the blue channel shows the
+# scribbles).
+COLOUR_GRAY_ENOUGH = 2 * NOISE_SIGMAS  # gray's contrast-to-noise ratio that keeps gray
+COLOUR_SIDE = 96  # px, longer side of the scoring thumbnail: strokes of a 320 px image survive
+COLOURLESS = 12  # grey levels: a thumbnail whose channels differ by less (99th pct) is gray
+COLOUR_GAIN = 1.25  # a channel replaces gray only when it scores 25% higher (no flip-flop)
+COLOUR_MIN_NOISE = 1.0  # grey levels: a noiseless canvas scores by contrast alone
 
 
-# grayscale decode at 1/factor scale (libjpeg DCT scaling, only JPEG supports it natively)
+# decode at 1/factor scale (libjpeg DCT scaling, only JPEG supports it natively), as
+# grayscale (load_gray) or as BGR (load_image: the ink channel is chosen later)
 _JPEG_FLAGS = {
     1: cv2.IMREAD_GRAYSCALE,
     2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
     4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
     8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
+}
+_JPEG_COLOUR_FLAGS = {
+    1: cv2.IMREAD_COLOR,
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8,
 }
 
 
@@ -144,6 +216,32 @@ class Prepared:
     message: str  # "" when ok
 
 
+LINES_BEYOND, LINES_ANY, LINES_OFF = "beyond", "any", "off"  # Steps.lines
+
+
+@dataclass(frozen=True)
+class Steps:
+    """Which preprocessing steps ``to_mnist`` runs; the default (all on) is the pipeline.
+
+    Switching one off gives the step it replaced, for the ablation in
+    benchmarks/real_digits.py: the fixed MIN_CONTRAST ink floor, the former line
+    rule (``lines="any"``: every long thin run is a line) or no line removal
+    (``"off"``), no stroke-width normalization, plain grayscale.
+    """
+
+    noise_floor: bool = True  # ink floor from the image's noise (False: fixed MIN_CONTRAST)
+    lines: str = LINES_BEYOND  # LINES_BEYOND | LINES_ANY | LINES_OFF
+    stroke_width: bool = True  # dilate / erode strokes to MNIST's width
+    colour: bool = True  # pick the channel that shows the ink best (False: gray)
+
+    def __post_init__(self) -> None:
+        if self.lines not in (LINES_BEYOND, LINES_ANY, LINES_OFF):
+            raise ValueError(f"Steps.lines must be one of beyond, any, off: {self.lines!r}")
+
+
+ALL_STEPS = Steps()
+
+
 # --------------------------------------------------------------------------- header parsing
 
 
@@ -179,7 +277,8 @@ def _jpeg_header(data: bytes) -> ImageHeader | None:
                     v_max = max(c & 15 for c in sampling)
                     share = sum((c >> 4) * (c & 15) for c in sampling) / (h_max * v_max)
                 buffer = int(2 * width * height * share)
-            return ImageHeader("jpeg", width, height, 1, 1, buffer)  # decoded as grayscale
+            # decoded as grayscale (1 component) or BGR (YCbCr, CMYK: converted to 3)
+            return ImageHeader("jpeg", width, height, 1 if ncomp < 3 else 3, 1, buffer)
         if marker == 0xDA:  # start of scan before any frame header: broken
             return None
         i += 2 + length
@@ -431,10 +530,11 @@ def _jpeg_complete(data: bytes) -> bool:
     return sos >= 0 and data.find(b"\xff\xd9", sos) >= 0
 
 
-def _to_gray_u8(img: np.ndarray) -> np.ndarray:
-    """Any decoded array (H, W) / (H, W, 2|3|4), uint8/16 or float -> (H, W) uint8.
+def _to_u8(img: np.ndarray, colour: bool = False) -> np.ndarray:
+    """Any decoded array (H, W) / (H, W, 2|3|4), uint8/16 or float -> uint8 (H, W) or (H, W, 3).
 
-    Alpha is composited onto white: transparent pixels are paper, not ink.
+    (H, W, 3) BGR only when ``colour`` and the image has colour channels; else
+    grayscale. Alpha is composited onto white: transparent pixels are paper, not ink.
     """
     if img.dtype == np.uint8:
         scale = 255.0
@@ -452,19 +552,24 @@ def _to_gray_u8(img: np.ndarray) -> np.ndarray:
         raise ImageError(f"unsupported image layout {img.shape}")
 
     if channels in (1, 3) and img.dtype == np.uint8:
-        return img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+        if img.ndim == 2 or (colour and channels == 3):
+            return img
+        return img[:, :, 0] if channels == 1 else cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
     f = img.astype(np.float32) * (1.0 / scale)  # (H, W[, C]) in 0..1
     if channels == 1:
-        gray = f if f.ndim == 2 else f[:, :, 0]
+        out = f if f.ndim == 2 else f[:, :, 0]
     elif channels == 2:  # gray + alpha
-        gray = f[:, :, 0] * f[:, :, 1] + (1.0 - f[:, :, 1])
+        out = f[:, :, 0] * f[:, :, 1] + (1.0 - f[:, :, 1])
     elif channels == 3:
-        gray = cv2.cvtColor(f, cv2.COLOR_BGR2GRAY)
+        out = f if colour else cv2.cvtColor(f, cv2.COLOR_BGR2GRAY)
     else:  # BGRA
         alpha = f[:, :, 3]
-        gray = cv2.cvtColor(np.ascontiguousarray(f[:, :, :3]), cv2.COLOR_BGR2GRAY)
-        gray = gray * alpha + (1.0 - alpha)
-    return np.clip(gray * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        bgr = np.ascontiguousarray(f[:, :, :3])
+        if colour:
+            out = bgr * alpha[:, :, None] + (1.0 - alpha)[:, :, None]  # (H, W, 3)
+        else:
+            out = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY) * alpha + (1.0 - alpha)
+    return np.clip(out * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 def _scale_area(img: np.ndarray, s: float) -> np.ndarray:
@@ -499,18 +604,24 @@ def _opencv_limit_message(exc: cv2.error) -> str | None:
     )
 
 
-def load_gray(
+def load_image(
     path: Path | str,
     max_pixels: int = MAX_PIXELS,
     max_side: int = WORK_MAX_SIDE,
     max_bytes: int = MAX_DECODE_BYTES,
+    colour: bool = True,
 ) -> np.ndarray:
-    """Decode an image file into (H, W) uint8 grayscale, H and W <= ``max_side``.
+    """Decode an image file into uint8 (H, W) grayscale or (H, W, 3) BGR, H and W <= ``max_side``.
+
+    Colour images stay BGR when ``colour`` (to_mnist picks the channel that shows
+    the ink best); grayscale files, and every file when not ``colour``, come out
+    (H, W). Alpha is composited onto white.
 
     Memory stays bounded: the header is read first; a JPEG with more than
     ``max_pixels`` is decoded at 1/2, 1/4 or 1/8 scale; any other image over
     ``max_pixels``, or whose decoding would take more than ``max_bytes``
-    (``decode_bytes``), is refused. Raises ImageError with a message for the output row.
+    (``decode_bytes``, which counts a colour JPEG's 3 channels), is refused.
+    Raises ImageError with a message for the output row.
     """
     path = Path(path)
     try:
@@ -566,7 +677,10 @@ def load_gray(
                     f"image too large: {size}, progressive (~{_mb(decode_bytes(header, factor))}"
                     f" to decode > {_mb(max_bytes)} limit); save it as a baseline JPEG"
                 )
-            flags = _JPEG_FLAGS[factor]
+            # a colour JPEG decodes to BGR only when colour is wanted (3x the memory,
+            # counted by decode_bytes from the header's components)
+            jpeg_colour = colour and header.channels == 3
+            flags = (_JPEG_COLOUR_FLAGS if jpeg_colour else _JPEG_FLAGS)[factor]
         elif pixels > max_pixels or decode_bytes(header) > max_bytes:
             raise ImageError(
                 f"image too large: {size} ({_mp(pixels)}, ~{_mb(decode_bytes(header))} to "
@@ -588,7 +702,17 @@ def load_gray(
         raise ImageError("image has no pixels")
     if img.shape[0] * img.shape[1] > max_pixels:  # a header this module could not read
         raise ImageError(f"image too large: {img.shape[1]}x{img.shape[0]}")
-    return _to_gray_u8(_shrink(img, max_side))
+    return _to_u8(_shrink(img, max_side), colour)
+
+
+def load_gray(
+    path: Path | str,
+    max_pixels: int = MAX_PIXELS,
+    max_side: int = WORK_MAX_SIDE,
+    max_bytes: int = MAX_DECODE_BYTES,
+) -> np.ndarray:
+    """Decode an image file into (H, W) uint8 grayscale (``load_image`` without colour)."""
+    return load_image(path, max_pixels, max_side, max_bytes, colour=False)
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -617,11 +741,14 @@ def _center_of_mass(img: np.ndarray) -> tuple[float, float]:
 
 
 def is_near_mnist(img: np.ndarray) -> bool:
-    """A 28x28 white-on-black image whose ink already fills a 20 px box at the centre."""
+    """A 28x28 white-on-black image whose ink already fills a 20 px box at the centre, on a
+    black background."""
     if img.shape != (MNIST_SIZE, MNIST_SIZE):
         return False
     box = _box(img >= NEAR_MNIST_INK)
     if box is None:
+        return False
+    if float(np.median(img)) > NEAR_MNIST_PAPER:
         return False
     side = max(box[1] - box[0], box[3] - box[2])
     cy, cx = _center_of_mass(img)
@@ -659,12 +786,12 @@ def _ink_is_dark(gray: np.ndarray) -> bool:
     return med > (lo + hi) / 2
 
 
-def _flatten_background(ink: np.ndarray) -> np.ndarray:
-    """Subtract the slowly varying paper level (shading, vignetting) from a bright-ink image.
+def _paper_surface(ink: np.ndarray) -> np.ndarray:
+    """The slowly varying paper level (shading, vignetting) of a bright-ink image, (H, W) uint8.
 
-    The paper level is a quadratic surface fitted to the paper pixels of a small
-    thumbnail (those on the dark side of its Otsu threshold), so the ink, however
-    big the digit, does not leak into it.
+    A quadratic surface fitted to the paper pixels of a small thumbnail (those on
+    the dark side of its Otsu threshold), so the ink, however big the digit, does
+    not leak into it; one level (the median) for small or mostly-ink images.
     """
     h, w = ink.shape
     s = BACKGROUND_SIDE / max(h, w)
@@ -672,7 +799,7 @@ def _flatten_background(ink: np.ndarray) -> np.ndarray:
     paper = thumb <= _otsu(_histogram(thumb))
     if s >= 1 or paper.mean() < MIN_PAPER_SHARE:  # small or flat: one paper level
         (level,) = _percentiles(_histogram(ink), 50)
-        return cv2.subtract(ink, np.full_like(ink, level))
+        return np.full_like(ink, level)
     th, tw = thumb.shape
     ys, xs = np.mgrid[:th, :tw].astype(np.float32)
     ys, xs = ys / th - 0.5, xs / tw - 0.5
@@ -682,7 +809,140 @@ def _flatten_background(ink: np.ndarray) -> np.ndarray:
     # coordinates keep it well conditioned
     coef = np.linalg.solve(a.T @ a, a.T @ b)
     surface = np.clip(terms @ coef, 0, 255).astype(np.uint8)  # (th, tw)
-    return cv2.subtract(ink, cv2.resize(surface, (w, h), interpolation=cv2.INTER_LINEAR))
+    return cv2.resize(surface, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def _noise_sigma(ink: np.ndarray) -> float:
+    """Robust sigma of the fine-grained noise of an (H, W) uint8 image.
+
+    The residual from a 5x5 median holds the noise but neither shading nor thin
+    strokes (the median follows the paper beside them, thick strokes inside
+    them); noise makes it symmetric about 0. From its dark side only: ink is
+    bright, so residuals below 0 are noise alone, however much ink there is.
+    Their median distance to 0 is 0.674 sigma for normal noise (the MAD); whole
+    grey levels are interpolated, the residuals of exactly 0 counted half below.
+    Measured on every other pixel of every other row: the same sigma for a
+    quarter of the work. On blurred normal noise it reads 75-100% of the true
+    sigma (NOISE_SIGMAS allows for it).
+    """
+    ink = np.ascontiguousarray(ink[::NOISE_STEP, ::NOISE_STEP])  # same sigma, 1/4 the work
+    med = cv2.medianBlur(ink, NOISE_MEDIAN)
+    below = cv2.subtract(med, ink)  # (H, W) uint8: how far under the median, 0 if over
+    hist = _histogram(below)  # hist[0]: residuals >= 0
+    zeros = ink.size - cv2.countNonZero(below) - cv2.countNonZero(cv2.subtract(ink, med))
+    # distances below 0: [0, 0.5) is half the zeros, then whole levels 1, 2, ...
+    counts = np.concatenate(([zeros / 2], hist[1:]))  # (256,)
+    edges = np.concatenate(([0.0], np.arange(256) + 0.5))  # level k: [edges[k], edges[k+1])
+    cum = np.cumsum(counts)
+    half = cum[-1] / 2
+    if half <= 0:  # a constant image
+        return 0.0
+    k = int(np.searchsorted(cum, half))
+    before = cum[k - 1] if k else 0.0
+    mad = edges[k] + (edges[k + 1] - edges[k]) * (half - before) / counts[k]
+    return MAD_TO_SIGMA * float(mad)
+
+
+def _has_sharp_edges(ink: np.ndarray, mask: np.ndarray, contrast: float, noise: float) -> bool:
+    """Whether the ink mask's outline is a stroke edge, not the rim of a smooth shade.
+
+    ``ink`` (H, W) uint8 flattened, ``mask`` its Otsu ink. Across a stroke's edge
+    the level rises by most of the contrast within a few pixels (even blurred);
+    across the rim of shading the flattening left (vignetting, a lamp's spot)
+    only by a small part of it. The local range (7x7 max - min) at the outline
+    tells them apart, less the range noise (sigma ``noise``) has by itself.
+    """
+    box = _box(mask)
+    if box is None:
+        return False
+    # only around the ink: the window's reach beyond its box
+    pad = EDGE_WINDOW // 2
+    y0, x0 = max(box[0] - pad, 0), max(box[2] - pad, 0)
+    y1, x1 = box[1] + pad, box[3] + pad
+    m = mask[y0:y1, x0:x1]
+    outline = m & ~cv2.erode(m.view(np.uint8), np.ones((3, 3), np.uint8)).view(bool)
+    window = np.ones((EDGE_WINDOW, EDGE_WINDOW), np.uint8)
+    rng = cv2.morphologyEx(ink[y0:y1, x0:x1], cv2.MORPH_GRADIENT, window)
+    (median,) = _percentiles(_histogram(rng, outline), 50)
+    return median >= EDGE_SHARE * contrast + EDGE_NOISE_SIGMAS * noise
+
+
+@dataclass(frozen=True)
+class _Levels:
+    """Otsu's split of a flattened ink image (paper ~0, ink bright)."""
+
+    threshold: int  # pixels > threshold are ink
+    paper: float  # mean level of the paper class
+    ink: float  # median level of the ink class: the typical stroke core
+
+
+def _levels(hist: np.ndarray) -> _Levels | None:
+    """Otsu's split of a 256-bin histogram and its two levels; None for one flat level."""
+    t = _otsu(hist)
+    paper, fg = hist[: t + 1], hist[t + 1 :]
+    if paper.sum() == 0 or fg.sum() == 0:
+        return None
+    paper_level = float(paper @ np.arange(t + 1)) / paper.sum()
+    return _Levels(t, paper_level, float(t + 1 + _percentiles(fg, 50)[0]))
+
+
+def _bright_ink(gray: np.ndarray) -> np.ndarray:
+    """The image with its ink bright (inverted when the ink is dark)."""
+    return cv2.bitwise_not(gray) if _ink_is_dark(gray) else gray
+
+
+def _contrast_to_noise(channel: np.ndarray) -> float:
+    """How well one channel (H, W) uint8 separates ink from paper: Otsu contrast / noise."""
+    ink = _bright_ink(channel)
+    surface = _paper_surface(ink)
+    levels = _levels(_histogram(cv2.subtract(ink, surface)))
+    if levels is None:
+        return 0.0
+    sigma = max(_noise_sigma(ink), COLOUR_MIN_NOISE)
+    return (levels.ink - levels.paper) / sigma
+
+
+def _paper_distance(bgr: np.ndarray, paper: np.ndarray) -> np.ndarray:
+    """(H, W) uint8: how far each pixel's colour is from the paper's (largest channel gap)."""
+    gaps = cv2.absdiff(bgr, np.full_like(bgr, paper))  # (H, W, 3)
+    return np.max(gaps, axis=2)
+
+
+def _ink_channel(img: np.ndarray, colour: bool = True) -> np.ndarray:
+    """(H, W) gray or (H, W, 3) BGR -> the (H, W) uint8 channel that shows the ink best.
+
+    Gray loses coloured ink whose luminance is near the paper's (red on green, a
+    faint blue pen on pink). Each candidate (gray, B, G, R, distance from the
+    paper's median colour) is scored on a thumbnail by the ink test's
+    contrast-to-noise ratio; gray is kept when it scores COLOUR_GRAY_ENOUGH,
+    else another channel wins when it beats gray by COLOUR_GAIN.
+    """
+    if img.ndim == 2:
+        return img
+    gray = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+    if not colour:
+        return gray
+    s = COLOUR_SIDE / max(img.shape[:2])
+    thumb = _scale_area(img, s) if s < 1 else img  # (th, tw, 3)
+    spread = cv2.subtract(thumb.max(axis=2), thumb.min(axis=2))  # (th, tw) chroma
+    if _percentiles(_histogram(spread), 99)[0] < COLOURLESS:  # a gray picture saved as RGB
+        return gray
+    paper = np.array([_percentiles(_histogram(c), 50)[0] for c in cv2.split(thumb)], np.uint8)
+    candidates = {
+        "gray": cv2.cvtColor(thumb, cv2.COLOR_BGR2GRAY),
+        **dict(zip("bgr", cv2.split(thumb), strict=True)),
+        "paper distance": _paper_distance(thumb, paper),
+    }
+    scores = {"gray": _contrast_to_noise(candidates["gray"])}
+    if scores["gray"] >= COLOUR_GRAY_ENOUGH:
+        return gray
+    scores |= {name: _contrast_to_noise(c) for name, c in candidates.items() if name != "gray"}
+    best = max(scores, key=scores.__getitem__)
+    if scores[best] < COLOUR_GAIN * scores["gray"]:
+        return gray
+    if best == "paper distance":
+        return _paper_distance(img, paper)
+    return np.ascontiguousarray(img[:, :, "bgr".index(best)])
 
 
 @functools.lru_cache(maxsize=64)
@@ -698,51 +958,136 @@ def _line_kernels(length: int, vertical: bool) -> tuple[np.ndarray, ...]:
     return tuple(kernels)
 
 
-def _line_mask(faint: np.ndarray) -> np.ndarray | None:
-    """Pixels of long thin straight lines (ruled lines, frame edges) in a bool ink mask.
+def _open(mask: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Morphological opening of a 0/1 uint8 mask, outside the image counting as paper.
+
+    OpenCV's default border for erosion is the maximum (255): where a tilted
+    kernel lies wholly outside the image (a corner), the erosion is 255 and the
+    opening draws a phantom 255 run there. A constant 0 border keeps 0/1 masks 0/1.
+    """
+    return cv2.morphologyEx(
+        mask, cv2.MORPH_OPEN, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0
+    )
+
+
+@dataclass(frozen=True)
+class _Runs:
+    """Long thin straight runs of one orientation, at the line-search scale (1/LINE_SCALE)."""
+
+    vertical: bool
+    runs: np.ndarray  # (sh, sw) uint8 0/1: cells on straight runs >= LINE_LENGTH long
+    thin: np.ndarray  # (sh, sw) uint8 0/1: those of them no thicker than a line
+
+
+def _line_runs(faint: np.ndarray) -> list[_Runs]:
+    """Candidate ruled lines / frame edges in a bool ink mask (H, W): long thin straight runs.
 
     Found at 1/4 scale: openings with line kernels half the image long (a few
     tilts) keep only straight runs that long; where such a run is thicker than a
-    line, it is a stroke of a big digit (a "1") and stays. At full size, only ink
-    that does not run on across the line is line: where a stroke crosses a line,
-    the stroke is kept whole, so the digit is not cut.
+    line, it is a stroke of a big digit (a "1") and is not a candidate.
     """
     h, w = faint.shape
     if min(h, w) < LINE_MIN_IMAGE:
-        return None
-    f8 = faint.view(np.uint8)
+        return []
     # a cell is ink when >= 2 of its 4x4 pixels are: a 1 px line (4 px per cell) survives
     # the downscale, a lone noise pixel does not. Area averaging of 0/255 = 255 * share.
     sh, sw = h // LINE_SCALE, w // LINE_SCALE
     share = cv2.resize(
-        f8[: sh * LINE_SCALE, : sw * LINE_SCALE] * np.uint8(255), (sw, sh),
+        faint.view(np.uint8)[: sh * LINE_SCALE, : sw * LINE_SCALE] * np.uint8(255), (sw, sh),
         interpolation=cv2.INTER_AREA,
     )  # fmt: skip
     small = (share >= 255 * LINE_CELL_INK // LINE_SCALE**2).view(np.uint8)
-    thickest = LINE_SCALE * LINE_MAX_THICKNESS  # px at full size
-    found = np.zeros((h, w), bool)
-    for vertical, across_cells, across in (
-        (False, (LINE_MAX_THICKNESS + 1, 1), (thickest + 1, 1)),  # horizontal lines
-        (True, (1, LINE_MAX_THICKNESS + 1), (1, thickest + 1)),  # vertical lines
+    found = []
+    for vertical, across_cells in (
+        (False, (LINE_MAX_THICKNESS + 1, 1)),  # horizontal lines
+        (True, (1, LINE_MAX_THICKNESS + 1)),  # vertical lines
     ):
         length = max(2, int((sh if vertical else sw) * LINE_LENGTH))
         runs = np.zeros_like(small)
         for k in _line_kernels(length, vertical):
-            runs |= cv2.morphologyEx(small, cv2.MORPH_OPEN, k)
+            runs |= _open(small, k)
         # runs thicker than a line (across it) are strokes of a big digit, e.g. a "1"
-        thick = cv2.morphologyEx(runs, cv2.MORPH_OPEN, np.ones(across_cells, np.uint8))
-        line_cells = runs & ~thick
-        if not line_cells.any():
+        thick = _open(runs, np.ones(across_cells, np.uint8))
+        thin = runs & ~thick
+        if thin.any():
+            found.append(_Runs(vertical, runs, thin))
+    return found
+
+
+def _runs_beyond_digit(found: list[_Runs], rest: np.ndarray) -> list[_Runs]:
+    """The candidate runs that are ruled lines, not the digit's own bar or stem.
+
+    ``rest`` (H, W) bool is the ink without any candidate. A run (a connected
+    straight run, crossing strokes included) is a line when it runs on past the
+    digit's box on both ends (LINE_OVERHANG); with no digit besides the runs,
+    when it has LINE_FAMILY - 1 or more parallel ones (ruled paper). Unsure: kept
+    as ink.
+    """
+    digit = _digit_components(rest)
+    kept = []
+    for r in found:
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(r.runs, connectivity=8)
+        if digit is None:
+            is_line = np.full(n, n - 1 >= LINE_FAMILY)
+        else:
+            y0, y1, x0, x1 = (v / LINE_SCALE for v in digit[0])  # the digit's box, in cells
+            lo, hi = (y0, y1) if r.vertical else (x0, x1)
+            margin = LINE_OVERHANG * (hi - lo) + LINE_OVERHANG_CELLS
+            start = stats[:, cv2.CC_STAT_TOP if r.vertical else cv2.CC_STAT_LEFT]
+            end = start + stats[:, cv2.CC_STAT_HEIGHT if r.vertical else cv2.CC_STAT_WIDTH]
+            is_line = (start <= lo - margin) & (end >= hi + margin)
+        is_line[0] = False  # label 0: no run
+        if is_line.any():
+            thin = r.thin & is_line[labels].view(np.uint8)
+            kept.append(_Runs(r.vertical, r.runs, thin))
+    return kept
+
+
+def _line_pixels(faint: np.ndarray, found: list[_Runs], bridge: bool = True) -> np.ndarray | None:
+    """(H, W) bool: the ink pixels of the lines ``found`` (None if none), strokes spared.
+
+    At full size, only ink that does not run on across the line is line: where a
+    stroke crosses a line, the stroke is kept whole, so the digit is not cut.
+    ``bridge``: also where a slanted stroke crosses (the former rule had not).
+    """
+    h, w = faint.shape
+    f8 = faint.view(np.uint8)
+    thickest = LINE_SCALE * LINE_MAX_THICKNESS  # px at full size
+    pixels = np.zeros((h, w), bool)
+    for r in found:
+        if not r.thin.any():
             continue
-        cells = cv2.dilate(line_cells, np.ones((3, 3), np.uint8))
+        sh, sw = r.thin.shape
+        cells = cv2.dilate(r.thin, np.ones((3, 3), np.uint8))
         zone = np.zeros((h, w), np.uint8)  # cells back to pixels (the ragged edge has none)
         zone[: sh * LINE_SCALE, : sw * LINE_SCALE] = cv2.resize(
             cells, (sw * LINE_SCALE, sh * LINE_SCALE), interpolation=cv2.INTER_NEAREST
         )
         # ink running across the line further than a line is thick belongs to a stroke
-        crossing = cv2.morphologyEx(f8, cv2.MORPH_OPEN, np.ones(across, np.uint8)).view(bool)
-        found |= zone.view(bool) & faint & ~crossing
-    return found if found.any() else None
+        across = (1, thickest + 1) if r.vertical else (thickest + 1, 1)
+        crossing = _open(f8, np.ones(across, np.uint8)).view(bool)
+        line = zone.view(bool) & faint & ~crossing
+        if bridge:
+            # ... and so does ink in the line's zone with ink outside the zone on both
+            # sides of it (a slanted stroke crossing: its run across the line is short)
+            line &= ~_bridged(faint & ~zone.view(bool), r.vertical)
+        pixels |= line
+    return pixels if pixels.any() else None
+
+
+def _bridged(rest: np.ndarray, vertical: bool) -> np.ndarray:
+    """(H, W) bool: pixels with ink of ``rest`` within LINE_BRIDGE px on both sides, across a line.
+
+    Both sides: above and below a horizontal line (left and right of a vertical
+    one), up to LINE_BRIDGE px along it too, so strokes slanted up to 45 degrees
+    count. One-sided dilations: the kernel's anchor on its last / first row.
+    """
+    b = LINE_BRIDGE
+    kernel = np.ones((b + 1, 2 * b + 1) if not vertical else (2 * b + 1, b + 1), np.uint8)
+    near = []
+    for anchor in ((b, b), (b, 0)) if not vertical else ((b, b), (0, b)):
+        near.append(cv2.dilate(rest.view(np.uint8), kernel, anchor=anchor).view(bool))
+    return near[0] & near[1]
 
 
 def _digit_components(mask: np.ndarray) -> tuple[tuple[int, int, int, int], np.ndarray] | None:
@@ -799,6 +1144,63 @@ def _digit_components(mask: np.ndarray) -> tuple[tuple[int, int, int, int], np.n
     return box, keep[labels[y0:y1, x0:x1]]
 
 
+def _stroke_widths(core: np.ndarray) -> tuple[float, float]:
+    """(median, thin-share percentile) stroke width in px of a bool ink mask (h, w).
+
+    Width at a ridge pixel (a local maximum of the distance to the paper) is
+    2 x distance - 1: 1 for a 1 px line, 3 for a 3 px stroke.
+    """
+    padded = cv2.copyMakeBorder(core.view(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    dist = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_5)  # (h+2, w+2)
+    ridge = (dist >= cv2.dilate(dist, np.ones((3, 3), np.uint8))) & (dist > 0)
+    widths = 2.0 * dist[ridge] - 1.0
+    if widths.size == 0:
+        return 0.0, 0.0
+    median, thin = np.percentile(widths, [50, STROKE_THIN_SHARE])
+    return float(median), float(thin)
+
+
+def _normalize_stroke(crop: np.ndarray, core: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Dilate or erode a digit's crop so its strokes come out MNIST-wide at 28x28.
+
+    ``crop`` (h, w) float32 ink (paper 0), ``core`` (h, w) bool its ink mask; both
+    are returned re-cropped to the new ink box (the box grows by r per side when
+    dilating by a disc of radius r, shrinks when eroding). The radius solves
+    (width +- 2r) * 20 / (side +- 2r) = STROKE_TARGET. Erosion stops where the
+    thin parts (STROKE_THIN_SHARE percentile) would get thinner than the target,
+    so no stroke is eroded away and holes (loops) only open up.
+    """
+    side = max(crop.shape)
+    width, thin = _stroke_widths(core)
+    if width <= 0:
+        return crop, core
+    lo, hi = STROKE_RANGE
+    at_28 = width * MNIST_BOX / side
+    denom = 2 * (MNIST_BOX - STROKE_TARGET)
+    if at_28 < lo:
+        r = round((STROKE_TARGET * side - MNIST_BOX * width) / denom)
+        op = cv2.dilate
+    elif at_28 > hi:
+        r = round((MNIST_BOX * width - STROKE_TARGET * side) / denom)
+        target_px = STROKE_TARGET * side / MNIST_BOX  # the target width, in crop px
+        r = min(r, math.floor((thin - target_px) / 2))
+        op = cv2.erode
+    else:
+        return crop, core
+    if r < 1:
+        return crop, core
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    if op is cv2.dilate:  # room for the strokes to grow
+        crop = cv2.copyMakeBorder(crop, r, r, r, r, cv2.BORDER_CONSTANT, value=0)
+        core = cv2.copyMakeBorder(core.view(np.uint8), r, r, r, r, cv2.BORDER_CONSTANT, value=0)
+    new_core = op(core.view(np.uint8), kernel)
+    box = _box(new_core)
+    if box is None:  # cannot happen with the cap above; keep the digit rather than lose it
+        return crop, core.view(bool)
+    y0, y1, x0, x1 = box
+    return op(crop, kernel)[y0:y1, x0:x1], new_core[y0:y1, x0:x1].view(bool)
+
+
 def _fit_mnist(ink: np.ndarray) -> np.ndarray:
     """A cropped float ink image (h, w) in 0..255 -> (28, 28) uint8, MNIST geometry.
 
@@ -819,28 +1221,54 @@ def _fit_mnist(ink: np.ndarray) -> np.ndarray:
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
-def to_mnist(gray: np.ndarray) -> np.ndarray | None:
-    """(H, W) uint8 grayscale of any polarity -> (28, 28) uint8 MNIST-style, or None if blank."""
-    ink = cv2.bitwise_not(gray) if _ink_is_dark(gray) else gray  # ink bright from here on
+def to_mnist(img: np.ndarray, *, steps: Steps = ALL_STEPS) -> np.ndarray | None:
+    """(H, W) grayscale or (H, W, 3) BGR uint8, any polarity -> (28, 28) uint8 MNIST-style.
+
+    None when there is no ink. ``steps`` switches steps off (for the ablation);
+    the default runs them all.
+    """
+    ink = _bright_ink(_ink_channel(img, steps.colour))  # (H, W), ink bright from here on
     if is_near_mnist(ink):
         return ink  # already normalized: re-rendering would only blur it
-    ink = _flatten_background(ink)  # paper ~0
+    out = _digit_image(ink, steps)
+    if out is None and steps.noise_floor:
+        # the polarity is a guess from the histogram's tails: thin ink (1% of the
+        # pixels) on paper with a shadow has the shadow in its dark tail. No ink
+        # found one way: look the other way (blank pages stay blank either way)
+        out = _digit_image(cv2.bitwise_not(ink), steps)
+    return out
+
+
+def _digit_image(ink: np.ndarray, steps: Steps) -> np.ndarray | None:
+    """(H, W) uint8 bright ink on dark paper -> (28, 28) uint8 MNIST-style, None if no ink."""
     sigma = max(ink.shape) * BLUR_PER_PX
     if sigma >= 0.5:  # below half a pixel a blur does nothing useful
         ink = cv2.GaussianBlur(ink, (0, 0), sigma)
+    noise = _noise_sigma(ink) if steps.noise_floor else 0.0
+    floor = max(NOISE_SIGMAS * noise, MIN_INK_CONTRAST) if steps.noise_floor else MIN_CONTRAST
+    ink = cv2.subtract(ink, _paper_surface(ink))  # paper ~0
 
-    faint = ink >= FAINT_INK  # everything darker than the paper, lines included
-    lines = _line_mask(faint)
+    # faint ink or lines: half the floor (the former FAINT_INK is half of MIN_CONTRAST),
+    # and clear of the noise, or the line search would find runs in it
+    faint = ink >= max(1, math.ceil(floor / 2), math.ceil(FAINT_SIGMAS * noise))
+    runs = _line_runs(faint) if steps.lines != LINES_OFF else []
+    bridge = steps.lines == LINES_BEYOND
+    lines = _line_pixels(faint, runs, bridge) if runs else None
     hist = _histogram(ink, None if lines is None else ~lines)  # lines must not sway Otsu
-    t = _otsu(hist)
-    paper, fg = hist[: t + 1], hist[t + 1 :]
-    if paper.sum() == 0 or fg.sum() == 0:  # one flat level: nothing to find
+    levels = _levels(hist)
+    if levels is None:  # one flat level: nothing to find
         return None
-    paper_level = float(paper @ np.arange(t + 1)) / paper.sum()
-    ink_level = t + 1 + _percentiles(fg, 50)[0]  # the typical stroke core
-    if ink_level - paper_level < MIN_CONTRAST:  # Otsu split noise from noise: blank page
+    if levels.ink - levels.paper < floor:  # Otsu split noise from noise: blank page
         return None
-    mask = ink > t
+    mask = ink > levels.threshold
+    # a floor below the former one lets smooth shading the flattening left pass for
+    # ink: ink has edges. (Above the former floor, ink is taken as before.)
+    contrast = levels.ink - levels.paper
+    weak = steps.noise_floor and contrast < MIN_CONTRAST
+    if weak and not _has_sharp_edges(ink, mask, contrast, noise):
+        return None
+    if lines is not None and steps.lines == LINES_BEYOND:
+        lines = _line_pixels(faint, _runs_beyond_digit(runs, mask & ~lines))
     if lines is not None:
         mask &= ~lines
     digit = _digit_components(mask)
@@ -852,13 +1280,21 @@ def to_mnist(gray: np.ndarray) -> np.ndarray | None:
     if lines is not None:
         keep &= ~lines[y0:y1, x0:x1]
     crop = ink[y0:y1, x0:x1].astype(np.float32)
-    crop = (crop - paper_level) * (255.0 / (ink_level - paper_level))  # paper 0, stroke 255
+    scale = 255.0 / (levels.ink - levels.paper)
+    crop = np.clip((crop - levels.paper) * scale, 0, 255)  # paper 0, stroke 255
     crop[~keep] = 0
-    return _fit_mnist(np.clip(crop, 0, 255))
+    if steps.stroke_width:
+        crop, _ = _normalize_stroke(crop, core)
+    return _fit_mnist(crop)
 
 
 def naive_28(gray: np.ndarray) -> np.ndarray:
-    """The seed's preprocessing: the whole image area-resized to 28x28, nothing else."""
+    """The seed's preprocessing: the whole image area-resized to 28x28, nothing else.
+
+    Colour (H, W, 3) is made gray first, as the seed read every file as grayscale.
+    """
+    if gray.ndim == 3:
+        gray = cv2.cvtColor(gray, cv2.COLOR_BGR2GRAY)
     if gray.shape == (MNIST_SIZE, MNIST_SIZE):
         return gray
     return cv2.resize(gray, (MNIST_SIZE, MNIST_SIZE), interpolation=cv2.INTER_AREA)
@@ -876,8 +1312,9 @@ def prepare_file(
     made grayscale and resized to 28x28.
     """
     try:
-        gray = load_gray(path, max_pixels=max_pixels, max_bytes=max_bytes)
-        img = to_mnist(gray) if preprocess else naive_28(gray)
+        # the seed's resize reads grayscale; preprocessing picks its own channel
+        src = load_image(path, max_pixels=max_pixels, max_bytes=max_bytes, colour=preprocess)
+        img = to_mnist(src) if preprocess else naive_28(src)
     except ImageError as exc:
         return Prepared(None, "error", str(exc))
     except cv2.error as exc:  # an OpenCV routine refused this input: report, don't abort
@@ -910,10 +1347,12 @@ __all__ = [
     "ImageError",
     "ImageHeader",
     "Prepared",
+    "Steps",
     "decode_bytes",
     "encode_png",
     "is_near_mnist",
     "load_gray",
+    "load_image",
     "naive_28",
     "prepare_file",
     "read_header",

@@ -77,17 +77,29 @@ def evaluate_arrays(
     return total_loss / n, (pred == labels.long()).float().sum().item() / n, pred
 
 
+# Elastic warps: a random displacement per node of a coarse grid, upsampled bicubically to
+# a smooth field (Simard et al. smooth a per-pixel field with a Gaussian; a 4x4 grid of
+# nodes gives the same few-bumps-per-digit look with one tiny interpolate instead of a blur).
+ELASTIC_NODES = 4
+# Stroke width and blur work with 3x3 neighbourhoods: one pixel of dilation or erosion at
+# 28x28 is a third to a half of an MNIST stroke (2-3 px), the range real pens span.
+MORPH_KERNEL = 3
+BLUR_SIGMA = 1.0  # px at 28x28: a slightly out-of-focus photo after downscaling
+
+
 def random_affine(x: torch.Tensor, aug: AugmentParams, gen: torch.Generator) -> torch.Tensor:
-    """Rotate, zoom and shift every image of a float batch (B, 1, H, W) by its own random amount.
+    """Rotate, zoom, shift, shear and elastically warp every image of a float batch (B, 1, H, W)
+    by its own random amount.
 
     torchvision.transforms.v2.RandomAffine on a batch tensor draws ONE transform for the
     whole batch, so all 64..256 digits would move together; a per-sample loop of v2 calls is
     back to per-sample Python. Instead we draw B parameter sets at once and apply them with
     one affine_grid + grid_sample: the same bilinear warp v2 does, per sample, on the device.
     ``x`` must have background 0 (pixels in [0, 1], before mean/std): zero padding fills the
-    borders uncovered by the warp.
+    borders uncovered by the warp. Shear and elastic draw from ``gen`` only when enabled, so
+    recipes without them see the same numbers as before they existed.
     """
-    b = x.shape[0]
+    b, _, h, w = x.shape
     u = torch.rand(b, 4, generator=gen, device=x.device) * 2 - 1  # (B, 4) uniform in [-1, 1)
     angle = u[:, 0] * torch.pi * aug.rotate_deg / 180
     zoom = 1 + u[:, 1] * aug.scale  # > 1 makes the digit larger
@@ -98,8 +110,65 @@ def random_affine(x: torch.Tensor, aug: AugmentParams, gen: torch.Generator) -> 
     theta = torch.stack(
         [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
     )  # (B, 2, 3)
+    if aug.shear_deg > 0:
+        # x_in += tan(shear) * y_out: slants the digit like a hand leaning left or right
+        shear = torch.tan(
+            (torch.rand(b, generator=gen, device=x.device) * 2 - 1) * torch.pi * aug.shear_deg / 180
+        )  # (B,)
+        theta = theta.clone()
+        theta[:, 0, 1] = theta[:, 0, 1] + shear * theta[:, 1, 1]
+        theta[:, 0, 0] = theta[:, 0, 0] + shear * theta[:, 1, 0]
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
+    if aug.elastic_px > 0:
+        nodes = torch.rand(b, 2, ELASTIC_NODES, ELASTIC_NODES, generator=gen, device=x.device)
+        field = F.interpolate(nodes * 2 - 1, size=(h, w), mode="bicubic", align_corners=True)
+        # pixels -> grid units (2 per side); (B, 2, H, W) -> (B, H, W, 2) like the grid
+        scale = torch.tensor([2 / w, 2 / h], device=x.device) * aug.elastic_px
+        grid = grid + field.permute(0, 2, 3, 1) * scale
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _blend(x: torch.Tensor, target: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+    """x + share * (target - x), with one share per sample: (B,) broadcast over (B, 1, H, W)."""
+    return torch.lerp(x, target, share.view(-1, 1, 1, 1))
+
+
+def random_appearance(x: torch.Tensor, aug: AugmentParams, gen: torch.Generator) -> torch.Tensor:
+    """Change stroke width, focus and ink strength of every image of a [0, 1] batch (B, 1, H, W).
+
+    Stroke width: grayscale dilation (a 3x3 max) or erosion (a 3x3 min) blended in by a
+    per-sample amount drawn from [-stroke, +stroke] (negative thins), so widths vary
+    continuously between about one pixel thinner and one pixel thicker than the pen's.
+    Blur: a blend towards a Gaussian-blurred copy. Contrast: ink scaled down (faint pens).
+    """
+    b = x.shape[0]
+    pad = MORPH_KERNEL // 2
+    if aug.stroke > 0:
+        amount = (torch.rand(b, generator=gen, device=x.device) * 2 - 1) * aug.stroke  # (B,)
+        thick = F.max_pool2d(x, MORPH_KERNEL, stride=1, padding=pad)
+        thin = -F.max_pool2d(-x, MORPH_KERNEL, stride=1, padding=pad)
+        x = torch.where(
+            (amount >= 0).view(-1, 1, 1, 1),
+            _blend(x, thick, amount.clamp(min=0)),
+            _blend(x, thin, (-amount).clamp(min=0)),
+        )
+    if aug.blur > 0:
+        blurred = _gaussian_blur(x, BLUR_SIGMA)
+        x = _blend(x, blurred, torch.rand(b, generator=gen, device=x.device) * aug.blur)
+    if aug.contrast > 0:
+        gain = 1 - torch.rand(b, generator=gen, device=x.device) * aug.contrast  # (B,)
+        x = x * gain.view(-1, 1, 1, 1)
+    return x
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, 1, H, W), kernel 3 sigma either side, zero padded."""
+    radius = max(1, round(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = k / k.sum()
+    x = F.conv2d(x, k.view(1, 1, 1, -1), padding=(0, radius))
+    return F.conv2d(x, k.view(1, 1, -1, 1), padding=(radius, 0))
 
 
 def train_batch_inputs(
@@ -111,7 +180,13 @@ def train_batch_inputs(
         return normalize_uint8(images, mean, std)  # the seed path, op for op
     if gen is None:
         raise ValueError("augmentation needs a seeded generator (for reproducible runs)")
-    x = random_affine(normalize_uint8(images, 0.0, 1.0), augment, gen)  # still in [0, 1]
+    clean = normalize_uint8(images, 0.0, 1.0)  # (B, 1, 28, 28) in [0, 1]
+    x = random_affine(clean, augment, gen) if augment.geometric else clean  # still in [0, 1]
+    x = random_appearance(x, augment, gen)
+    if augment.share < 1:
+        # one draw per sample after the transforms' draws: recipes with share 1 draw as before
+        keep = torch.rand(len(x), generator=gen, device=x.device) >= augment.share  # (B,)
+        x = torch.where(keep.view(-1, 1, 1, 1), clean, x)
     if mean != 0.0 or std != 1.0:
         x = x.sub_(mean).div_(std)
     return x
@@ -160,7 +235,7 @@ def arch_kwargs(params: TrainParams) -> dict[str, Any]:
     """The architecture switches of ``params.model``, as stored in the model file."""
     if params.model == "seed":
         return {}  # the seed CNN has no switches
-    return {"batchnorm": params.batchnorm, "dropout": params.dropout}
+    return {"batchnorm": params.batchnorm, "dropout": params.dropout, "width": params.width}
 
 
 def init_weights(model: nn.Module, scheme: str) -> nn.Module:

@@ -52,3 +52,14 @@ def test_evaluate_refuses_a_file_that_is_not_a_model(tmp_path: Path):
                             "--out", str(tmp_path / "e")])  # fmt: skip
     assert r.exit_code == 1
     assert "not a digitflow model file" in r.output
+
+
+def test_unknown_recipe_exits_2_before_any_work(tmp_path: Path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"train": {"seed": {"epochs": 1}}}))
+    model = tmp_path / "model.pt"
+    result = runner.invoke(app, ["train", "--recipe", "fast", "--data", str(tmp_path),
+                                 "--model", str(model), "--params", str(params)])  # fmt: skip
+    assert result.exit_code == 2
+    assert "train.fast: no such recipe" in result.output and "seed" in result.output
+    assert not model.exists()

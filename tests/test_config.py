@@ -15,7 +15,19 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_project_params_yaml_loads_with_seed_defaults():
     p = load_params(ROOT / "params.yaml")
     assert p.split.val_fraction == 0.3
-    assert (p.train.model, p.train.epochs, p.train.batch_size, p.train.lr) == ("seed", 5, 64, 1e-3)
+    seed = p.recipe(p.models["seed"])
+    assert (seed.model, seed.epochs, seed.batch_size, seed.lr) == ("seed", 5, 64, 1e-3)
+    # the prediction model is one the pipeline trains, with a recipe of its own
+    assert p.predict.model in p.models and p.models[p.predict.model] != p.models["seed"]
+
+
+def test_every_recipe_sets_every_key():
+    """A recipe left incomplete would silently take the seed's values: params.yaml spells all."""
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    keys = set(data["train"]["seed"])
+    for name, recipe in data["train"].items():
+        assert set(recipe) == keys, f"train.{name} differs in keys: {set(recipe) ^ keys}"
+        assert set(recipe["augment"]) == set(data["train"]["seed"]["augment"])
 
 
 def test_every_params_value_is_commented():
@@ -31,16 +43,20 @@ def test_every_params_value_is_commented():
 @pytest.mark.parametrize(
     ("data", "key"),
     [
-        ({"train": {"epochs": -1}}, "train.epochs"),
-        ({"train": {"epochs": 0}}, "train.epochs"),
+        ({"train": {"seed": {"epochs": -1}}}, "train.seed.epochs"),
+        ({"train": {"seed": {"epochs": 0}}}, "train.seed.epochs"),
         ({"split": {"val_fraction": 1.0}}, "split.val_fraction"),
         ({"split": {"val_fraction": 0}}, "split.val_fraction"),
-        ({"train": {"lr": "fast"}}, "train.lr"),
-        ({"train": {"model": "resnet"}}, "train.model"),
-        ({"train": {"epochs": 2.5}}, "train.epochs"),
-        ({"train": {"normalize": {"std": 0}}}, "train.normalize.std"),
-        ({"train": {"batchsize": 64}}, "train.batchsize"),
+        ({"train": {"seed": {"lr": "fast"}}}, "train.seed.lr"),
+        ({"train": {"seed": {"model": "resnet"}}}, "train.seed.model"),
+        ({"train": {"seed": {"epochs": 2.5}}}, "train.seed.epochs"),
+        ({"train": {"seed": {"normalize": {"std": 0}}}}, "train.seed.normalize.std"),
+        ({"train": {"seed": {"batchsize": 64}}}, "train.seed.batchsize"),
         ({"trian": {}}, "trian"),
+        ({"train": {"seed": 3}}, "train.seed"),
+        ({"models": {"seed": "nope"}}, "models.seed"),
+        ({"models": {}}, "models"),
+        ({"predict": {"model": "nope"}}, "predict.model"),
         ({"download": {"mirrors": "http://x"}}, "download.mirrors"),
         ({"predict": {"workers": 0}}, "predict.workers"),
         ({"retrain": {"min_improvement": -0.1}}, "retrain.min_improvement"),
@@ -53,15 +69,20 @@ def test_bad_params_name_the_key(data: dict, key: str):
 
 def test_unknown_key_lists_expected_keys():
     with pytest.raises(ParamsError, match="unknown key.*epochs"):
-        parse_params({"train": {"epoch": 3}})
+        parse_params({"train": {"seed": {"epoch": 3}}})
 
 
 def test_int_is_accepted_for_float_and_sections_default(tmp_path: Path):
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump({"train": {"lr": 1}}))
+    path.write_text(yaml.safe_dump({"train": {"seed": {"lr": 1}}}))
     p = load_params(path)
-    assert p.train.lr == 1.0 and isinstance(p.train.lr, float)
+    assert p.recipe("seed").lr == 1.0 and isinstance(p.recipe("seed").lr, float)
     assert p.split.seed == 42
+
+
+def test_unknown_recipe_is_a_params_error():
+    with pytest.raises(ParamsError, match=r"train\.fast: no such recipe"):
+        parse_params({}).recipe("fast")
 
 
 def test_missing_or_non_mapping_file(tmp_path: Path):

@@ -7,6 +7,7 @@ artifacts and the served deployment.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -34,8 +35,14 @@ from flows.retrain import ARTIFACT_DECISION, committed_rules, judge, retrain
 from tasks.config import RetrainParams
 
 PROJECT = Path(__file__).resolve().parents[1]
-# The stages of this project's dvc.yaml these tests rely on (others, like `predict`, may follow).
-STAGES = ["download", "split", "train", "evaluate", "report"]
+# The stages of this project's dvc.yaml these tests rely on (others, like `predict`, may follow):
+# train, evaluate and report run once per pipeline model (params.yaml `models`, dvc.yaml foreach).
+MODELS = ["seed", "robust"]
+STAGES = [
+    "download", "split",
+    *(f"{stage}@{m}" for stage in ("train", "evaluate", "report") for m in MODELS),
+]  # fmt: skip
+SERVED = "robust"  # params.yaml predict.model: the model the flows publish and judge
 BIN = str(Path(sys.executable).parent)
 # Tiny-data training that learns: these settings reach ~50% test accuracy after 2 epochs
 # and ~90% after 4 on the 600/200 rendered digits (measured; CPU training is seeded).
@@ -46,6 +53,11 @@ TINY_TRAIN = {
     "device": "cpu",
     "normalize": {"mean": 0.1307, "std": 0.3081},
 }
+# Both pipeline models train the tiny recipe in these tests (the flows, not the recipes, are
+# under test here); each recipe section is replaced whole.
+# (deep copies: one shared dict would be dumped as a YAML alias, and an override of one
+# recipe would then change both)
+TINY_RECIPES = {m: copy.deepcopy(TINY_TRAIN) for m in MODELS}
 POLL_S = 0.5  # how often to poll the Prefect API for asynchronously written records
 
 
@@ -80,7 +92,7 @@ def make_repo(where: Path) -> Path:
         where,
         # no network here: the local mirror ($MNIST_MIRROR) is the only source
         download={"mirrors": [], "retries": 1, "backoff_s": 0.0},
-        train=TINY_TRAIN,
+        train=TINY_RECIPES,
         evaluate={"batch_size": 200},
         report={"n_misclassified": 4},
         pipeline={"download_retries": 2, "retry_delay_s": 0.1},
@@ -165,13 +177,17 @@ def test_stage_graph_is_read_from_dvc_yaml_and_picks_up_new_stages(tmp_path: Pat
     repo = make_repo(tmp_path / "repo")
     stages = stage_graph(repo)
     assert [s.name for s in stages][: len(STAGES)] == STAGES
-    assert set(next(s for s in stages if s.name == "evaluate").upstream) == {"train", "split"}
+    for m in MODELS:
+        assert set(next(s for s in stages if s.name == f"evaluate@{m}").upstream) == {
+            f"train@{m}",
+            "split",
+        }
     # a stage added to dvc.yaml (like the coming `predict`) is run with no code change
     dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
     dvc_yaml["stages"] = {
         "audit": {  # listed first, but it depends on the model: it must run after train
             "cmd": "echo audit",
-            "deps": ["data/model/model.pt"],
+            "deps": [f"data/models/{SERVED}/model.pt"],
             "outs": ["data/audit"],
         },
         **dvc_yaml["stages"],
@@ -179,8 +195,8 @@ def test_stage_graph_is_read_from_dvc_yaml_and_picks_up_new_stages(tmp_path: Pat
     (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
     names = [s.name for s in stage_graph(repo)]
     assert set(names) == {s.name for s in stages} | {"audit"}
-    assert names.index("audit") > names.index("train")
-    assert names.index("download") < names.index("split") < names.index("train")
+    assert names.index("audit") > names.index(f"train@{SERVED}")
+    assert names.index("download") < names.index("split") < names.index("train@seed")
 
 
 # --- the training pipeline flow ------------------------------------------------------
@@ -254,29 +270,29 @@ def test_pipeline_runs_stages_in_order_resumes_after_a_failure_and_skips_when_up
 ) -> None:
     repo = make_repo(tmp_path / "repo")
     # 1. train fails (no such device: fails with or without a GPU): download and split done
-    _edit_params(repo, train={**TINY_TRAIN, "device": "cuda:99"})
+    _edit_params(repo, train={"seed": {**TINY_TRAIN, "device": "cuda:99"}})
     failed = training_pipeline(root=str(repo), return_state=True)
-    assert failed.is_failed() and "stage 'train' failed" in failed.message
+    assert failed.is_failed() and "stage 'train@seed' failed" in failed.message
     runs = _task_runs(failed.state_details.flow_run_id)
-    assert [r.name for r in runs] == ["download", "split", "train"]
+    assert [r.name for r in runs] == ["download", "split", "train@seed"]
     assert [r.state.type.value for r in runs] == ["COMPLETED", "COMPLETED", "FAILED"]
 
     # 2. fixed: the rerun resumes at train (DVC skips download and split)
-    _edit_params(repo, train=TINY_TRAIN)
+    _edit_params(repo, train=TINY_RECIPES)
     state = training_pipeline(root=str(repo), return_state=True)
     assert state.is_completed(), state.message
     statuses = {r["stage"]: r["status"] for r in state.result()}
     assert {k: statuses[k] for k in STAGES} == {
-        "download": "skipped", "split": "skipped",
-        "train": "ran", "evaluate": "ran", "report": "ran",
+        "download": "skipped", "split": "skipped", **dict.fromkeys(STAGES[2:], "ran"),
     }  # fmt: skip
     flow_run_id = state.state_details.flow_run_id
     assert [r.name for r in _task_runs(flow_run_id)][: len(STAGES)] == STAGES  # dependency order
-    assert (repo / "data/report/report.md").is_file()
+    assert all((repo / f"data/report/{m}/report.md").is_file() for m in MODELS)
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(STAGES) <= set(lock["stages"])  # dvc.lock stays the record
 
-    metrics = json.loads((repo / "data/evaluate/metrics.json").read_text())
+    # the artifacts describe the prediction model
+    metrics = json.loads((repo / f"data/evaluate/{SERVED}/metrics.json").read_text())
     markdown = _artifact(ARTIFACT_METRICS, flow_run_id).data
     assert f"{metrics['accuracy']:.4f}" in markdown
     assert "Metrics diff against `HEAD`" in markdown  # no champion yet: the previous commit
@@ -354,7 +370,9 @@ def test_retrain_refuses_overrides_of_its_promotion_rules(
 ) -> None:
     repo = make_repo(tmp_path / "repo")
     before = _snapshot(repo)
-    state = retrain(root=str(repo), overrides=["train.epochs=2", override], return_state=True)
+    state = retrain(
+        root=str(repo), overrides=[f"train.{SERVED}.epochs=2", override], return_state=True
+    )
     assert state.is_failed()
     assert f"promotion rule {key!r}" in state.message and override in state.message
     assert _tags(repo) == [] and _snapshot(repo) == before  # refused before any worktree
@@ -410,15 +428,15 @@ def test_retrain_promotes_a_better_challenger_and_rejects_a_worse_one(
     repo = make_repo(tmp_path / "repo")
     before = _snapshot(repo)
 
-    first = retrain(root=str(repo), overrides=["train.epochs=2"])
+    first = retrain(root=str(repo), overrides=[f"train.{SERVED}.epochs=2"])
     assert first["promoted"] and first["tag"] == "model@v1" and first["champion"] is None
 
-    better = retrain(root=str(repo), overrides=["train.epochs=4"])
+    better = retrain(root=str(repo), overrides=[f"train.{SERVED}.epochs=4"])
     assert better["promoted"] and better["tag"] == "model@v2", better["reasons"]
     assert better["champion"] == "model@v1" and better["accuracy"] > first["accuracy"]
 
     # honestly worse: half the epochs of the champion
-    state = retrain(root=str(repo), overrides=["train.epochs=2"], return_state=True)
+    state = retrain(root=str(repo), overrides=[f"train.{SERVED}.epochs=2"], return_state=True)
     worse = state.result()
     assert not worse["promoted"] and worse["tag"] is None and worse["champion"] == "model@v2"
     assert any("min_improvement" in r for r in worse["reasons"]), worse["reasons"]
@@ -429,23 +447,26 @@ def test_retrain_promotes_a_better_challenger_and_rejects_a_worse_one(
     assert _snapshot(repo) == before  # branch, working tree and worktrees as they were
 
     # a challenger that crashes midway (its train stage fails) promotes nothing
-    crashed = retrain(root=str(repo), overrides=["train.device=cuda:99"], return_state=True)
-    assert crashed.is_failed() and "stage 'train' failed" in crashed.message
+    crashed = retrain(
+        root=str(repo), overrides=[f"train.{SERVED}.device=cuda:99"], return_state=True
+    )
+    assert crashed.is_failed() and f"stage 'train@{SERVED}' failed" in crashed.message
     assert _tags(repo) == ["model@v1", "model@v2"]
     assert _snapshot(repo) == before
 
     # the promotions are ordinary git + DVC revisions
     diff = json.loads(_dvc(repo, "metrics", "diff", "model@v1", "model@v2", "--json"))
-    accuracy = diff["data/evaluate/metrics.json"]["accuracy"]
+    accuracy = diff[f"data/evaluate/{SERVED}/metrics.json"]["accuracy"]
     assert accuracy["old"] == pytest.approx(first["accuracy"])
     assert accuracy["new"] == pytest.approx(better["accuracy"])
     params_v1 = yaml.safe_load(_run(repo, "git", "show", "model@v1:params.yaml"))
-    assert params_v1["train"]["epochs"] == 2
+    assert params_v1["train"][SERVED]["epochs"] == 2
     _run(repo, "git", "checkout", "-q", "model@v1")
     _dvc(repo, "checkout", "-q")
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    model_out = next(o for o in lock["stages"]["train"]["outs"] if o["path"].endswith(".pt"))
-    assert _md5(repo / "data/model/model.pt") == model_out["md5"]
+    outs = lock["stages"][f"train@{SERVED}"]["outs"]
+    model_out = next(o for o in outs if o["path"].endswith(".pt"))
+    assert _md5(repo / f"data/models/{SERVED}/model.pt") == model_out["md5"]
 
 
 # --- serving on a schedule -----------------------------------------------------------

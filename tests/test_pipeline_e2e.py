@@ -31,7 +31,8 @@ def make_repo(dest: Path, tiny_mnist: Path, train_overrides: dict | None = None)
         elif src.exists():
             shutil.copy2(src, dest / name)
     params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["train"].update({"epochs": 1, "batch_size": 32, **(train_overrides or {})})
+    for recipe in params["train"].values():  # every recipe, shrunk to one quick epoch
+        recipe.update({"epochs": 1, "batch_size": 32, "amp": False, **(train_overrides or {})})
     params["evaluate"]["batch_size"] = 100
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {
@@ -57,8 +58,11 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
     return proc.stdout + proc.stderr
 
 
-def stage_names(repo: Path) -> list[str]:
-    return list(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
+def stage_names(repo: Path, env: dict[str, str]) -> list[str]:
+    """Every stage as DVC names it: foreach stages expand to ``train@seed``, ``train@robust``."""
+    names = run(["dvc", "stage", "list", "--name-only"], repo, env).split()
+    assert "train@seed" in names and "train@robust" in names
+    return names
 
 
 @pytest.mark.timeout(900)
@@ -67,47 +71,67 @@ def test_dvc_repro_end_to_end_then_skip_then_metrics_diff(tiny_mnist: Path, tmp_
     env = make_repo(repo, tiny_mnist)
 
     out = run(["dvc", "repro"], repo, env)
-    for stage in stage_names(repo):
+    for stage in stage_names(repo, env):
         assert f"Running stage '{stage}'" in out
-    metrics = json.loads((repo / "data/evaluate/metrics.json").read_text())
-    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["n_test"] == 200
-    assert (repo / "data/report/report.md").is_file()
+    models = yaml.safe_load((repo / "params.yaml").read_text())["models"]
+    assert {"seed", "robust"} <= set(models)
+    for name in models:  # every pipeline model is trained, evaluated and reported
+        metrics = json.loads((repo / f"data/evaluate/{name}/metrics.json").read_text())
+        assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["n_test"] == 200
+        assert (repo / f"data/report/{name}/report.md").is_file()
+        assert f"Running stage 'train@{name}'" in out
     assert (repo / "dvc.lock").is_file()
 
     # nothing changed: every stage is skipped
     again = run(["dvc", "repro"], repo, env)
     assert "Running stage" not in again
-    for stage in stage_names(repo):
+    for stage in stage_names(repo, env):
         assert f"Stage '{stage}' didn't change, skipping" in again
+    # the predict stage classified the inbox with the prediction model (params predict.model)
+    assert "data/models/robust/model.pt" in (repo / "dvc.lock").read_text()
     assert "up to date" in run(["dvc", "status"], repo, env)
 
     # metrics and plots are readable by DVC
-    shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo, env))
-    assert "data/evaluate/metrics.json" in json.dumps(shown)
+    shown = json.dumps(json.loads(run(["dvc", "metrics", "show", "--json"], repo, env)))
+    assert "data/evaluate/seed/metrics.json" in shown
+    assert "data/evaluate/robust/metrics.json" in shown
     plots = run(["dvc", "plots", "show", "--json"], repo, env)
-    assert "Confusion matrix" in plots and "Accuracy" in plots
+    for name in ("seed", "robust"):
+        assert f"data/evaluate/{name}/confusion.csv" in plots
+        assert f"data/train/{name}/plots/metrics/val/accuracy.tsv" in plots
 
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "run 1"], repo, env)
 
     # a params change: only the downstream stages rerun, and the change shows in metrics diff
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"]["epochs"] = 2
+    params["train"]["seed"]["epochs"] = 2
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run(["dvc", "repro"], repo, env)
-    assert "Running stage 'train'" in out and "Running stage 'split'" not in out
+    assert "Running stage 'train@seed'" in out and "Running stage 'split'" not in out
+    assert "Running stage 'train@robust'" not in out  # its recipe did not change
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], repo, env))
-    train_diff = diff["data/train/metrics.json"]
+    train_diff = diff["data/train/seed/metrics.json"]
     assert train_diff["step"]["old"] == 1 and train_diff["step"]["new"] == 2
     assert set(train_diff["val.accuracy"]) >= {"old", "new", "diff"}
     params_diff = json.loads(run(["dvc", "params", "diff", "--json"], repo, env))
-    epochs_diff = params_diff["params.yaml"]["train.epochs"]
+    epochs_diff = params_diff["params.yaml"]["train.seed.epochs"]
     assert (epochs_diff["old"], epochs_diff["new"]) == (1, 2)
 
     # experiments: `dvc exp run -S` reruns from the committed baseline and is listed
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "run 2"], repo, env)
-    out = run(["dvc", "exp", "run", "-S", "train.epochs=1", "-n", "one-epoch"], repo, env)
-    assert "Running stage 'train'" in out
+    # (3 epochs: a value not run before, or DVC's run cache restores that run's outputs)
+    out = run(["dvc", "exp", "run", "-S", "train.seed.epochs=3", "-n", "three-epochs"], repo, env)
+    assert "Running stage 'train@seed'" in out
     shown = run(["dvc", "exp", "show", "--json"], repo, env)
-    assert "one-epoch" in shown
+    assert "three-epochs" in shown
+
+    # a model's recipe is one flag away: the robust model retrained with the seed recipe
+    out = run(["dvc", "exp", "run", "-S", "models.robust=seed", "-n", "robust-as-seed"], repo, env)
+    assert "Running stage 'train@robust'" in out and "Running stage 'train@seed'" not in out
+    exp_params = json.loads(run(["dvc", "exp", "show", "--json"], repo, env))
+    assert "robust-as-seed" in json.dumps(exp_params)
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert "--recipe seed" in lock["stages"]["train@robust"]["cmd"]
+    assert "train.seed" in json.dumps(lock["stages"]["train@robust"]["params"])

@@ -293,10 +293,13 @@ def test_default_model_and_params_come_from_the_project(
 ) -> None:
     """From any subfolder, the defaults are the project's (the nearest dvc.yaml above)."""
     project = tmp_path / "project"
-    (project / "data" / "model").mkdir(parents=True)
+    (project / "data" / "models" / "mine").mkdir(parents=True)
     (project / "dvc.yaml").write_text("stages: {}\n")
-    shutil.copy(model_file, project / "data" / "model" / "model.pt")
-    (project / "params.yaml").write_text("predict:\n  preprocess: false\n")
+    shutil.copy(model_file, project / "data" / "models" / "mine" / "model.pt")
+    # predict.model names the pipeline model used by default: data/models/mine/model.pt
+    (project / "params.yaml").write_text(
+        "models:\n  mine: seed\npredict:\n  model: mine\n  preprocess: false\n"
+    )
     img = photo(big_glyph(9), np.random.default_rng(6), (150, 200))
     write_png(project / "inbox" / "sub" / "p.png", img)
     debug = tmp_path / "dbg"
@@ -310,10 +313,10 @@ def test_default_model_and_params_come_from_the_project(
     # the project's params.yaml was read: preprocess false
     assert np.array_equal(cv2.imread(str(next(debug.iterdir())), 0), naive_28(img))
     # no model there: the error names the path tried
-    (project / "data" / "model" / "model.pt").unlink()
+    (project / "data" / "models" / "mine" / "model.pt").unlink()
     result = cli("p.png", "--out", "o.csv")
     assert result.exit_code == 2
-    assert f"model file not found: {project / 'data' / 'model' / 'model.pt'}" in result.output
+    assert f"model file not found: {project / 'data/models/mine/model.pt'}" in result.output
     # outside any project: relative to the current folder
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -322,7 +325,8 @@ def test_default_model_and_params_come_from_the_project(
         pytest.skip(f"{tmp_path} is inside a folder with dvc.yaml")
     result = cli(project / "inbox" / "sub" / "p.png", "--out", "o.csv")
     assert result.exit_code == 2
-    assert "model file not found: data/model/model.pt" in result.output
+    # the built-in default: the seed report's model
+    assert "model file not found: data/models/seed/model.pt" in result.output
     assert "no dvc.yaml in it or above it" in result.output
     assert not Path("o.csv").exists()
 

@@ -10,6 +10,7 @@ rotated, with ruled lines; preprocessing must give back the reference.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import struct
 import subprocess
@@ -21,11 +22,17 @@ import cv2
 import numpy as np
 import pytest
 
+from tasks import preprocess
 from tasks.preprocess import (
+    LINES_ANY,
     MNIST_BOX,
+    STROKE_RANGE,
     ImageError,
+    Steps,
+    decode_bytes,
     is_near_mnist,
     load_gray,
+    load_image,
     naive_28,
     prepare_file,
     read_header,
@@ -176,6 +183,22 @@ def test_mnist_like_input_passes_unchanged() -> None:
     assert np.array_equal(to_mnist(255 - ref), ref)
 
 
+def test_28px_photo_on_grey_paper_is_flattened_not_passed_through() -> None:
+    """A 28x28 photo of a digit on grey paper has MNIST's geometry but not its black paper:
+    passed through, the network would see a grey field it never trained on."""
+    ref = REFERENCES[5]
+    # grey paper, dark pen: inverted, the paper stays at 55, under the ink level (64) that
+    # the MNIST-like check measures the digit's box with
+    paper, ink = 200, 40
+    photo_28 = np.clip(paper - ref.astype(np.float32) * (paper - ink) / 255, 0, 255)
+    photo_28 = photo_28.astype(np.uint8)
+    assert not is_near_mnist(255 - photo_28)
+    out = to_mnist(photo_28)
+    assert out is not None
+    assert np.median(out) == 0  # paper mapped to black
+    assert iou(out, ref) > 0.6  # and the digit is still the digit
+
+
 def test_small_mnist_sized_digit_is_renormalized() -> None:
     """A 28x28 image whose digit is small and off-centre is not MNIST-like: it is fitted."""
     small = cv2.resize(REFERENCES[2], (14, 14), interpolation=cv2.INTER_AREA)
@@ -206,6 +229,237 @@ def test_blank_images_have_no_ink(blank: str) -> None:
         img = np.full((h, w), 230, np.uint8)
         img[100:102, 100:102] = 20  # dust, not a digit
     assert to_mnist(img) is None
+
+
+# --------------------------------------------------------------------------- robustness rules
+# Each rule is shown on a rendered case that comes out wrong with the rule switched off
+# (Steps), and right with the default pipeline.
+
+
+def four_with_long_bar(size: int = 160, ruled: bool = False) -> np.ndarray:
+    """(size, size) a hand-drawn-like "4": its bar spans 110 px (69% of the width)."""
+    img = np.full((size, size), 235, np.uint8)
+    if ruled:  # grey lines from edge to edge, crossing the diagonal and the stem
+        for y in (8, 60, 130):
+            cv2.line(img, (0, y), (size - 1, y), 150, 2)
+    cv2.line(img, (100, 20), (30, 100), 30, 4, cv2.LINE_AA)  # diagonal
+    cv2.line(img, (30, 100), (140, 100), 30, 4, cv2.LINE_AA)  # bar
+    cv2.line(img, (110, 40), (110, 150), 30, 4, cv2.LINE_AA)  # stem
+    return img
+
+
+def longest_row_run(img: np.ndarray, level: int = 128) -> int:
+    """The longest horizontal run of ink (>= level) in any row of a 28x28 image."""
+    best = 0
+    for row in img >= level:
+        padded = np.concatenate(([0], row.view(np.uint8), [0]))
+        edges = np.flatnonzero(np.diff(padded))
+        if edges.size:
+            best = max(best, int((edges[1::2] - edges[::2]).max()))
+    return best
+
+
+def ink_aspect(img: np.ndarray, level: int = 128) -> float:
+    """Height / width of the box of a 28x28 image's ink (>= level)."""
+    rows, cols = np.flatnonzero(img.max(1) >= level), np.flatnonzero(img.max(0) >= level)
+    return (rows[-1] - rows[0] + 1) / (cols[-1] - cols[0] + 1)
+
+
+def stroke_width_28(img: np.ndarray) -> float:
+    """Median stroke width (px) of a 28x28 image: ink >= 128 at 8x, 2 x ridge distance - 1."""
+    up = (cv2.resize(img, (224, 224), interpolation=cv2.INTER_LINEAR) >= 128).astype(np.uint8)
+    dist = cv2.distanceTransform(
+        cv2.copyMakeBorder(up, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0), cv2.DIST_L2, 5
+    )
+    ridge = (dist >= cv2.dilate(dist, np.ones((3, 3), np.uint8))) & (dist > 0)
+    return float(np.median(2 * dist[ridge] - 1)) / 8 if ridge.any() else 0.0
+
+
+def test_steps_default_is_the_pipeline() -> None:
+    img = photo(big_glyph(4), np.random.default_rng(11), (240, 320), lines=True)
+    assert np.array_equal(to_mnist(img), to_mnist(img, steps=Steps()))
+    with pytest.raises(ValueError, match="lines"):
+        Steps(lines="sometimes")
+
+
+def test_digit_bar_spanning_half_the_image_is_kept() -> None:
+    """A long straight stroke ending where the digit does is the digit's, not a ruled line."""
+    img = four_with_long_bar()
+    bar = MNIST_BOX * 110 // 150 - 2  # the bar's length at 28x28, less its rounded ends
+    assert longest_row_run(to_mnist(img)) >= bar
+    # the former rule took every long thin run for a line: the 4 lost its bar
+    assert longest_row_run(to_mnist(img, steps=Steps(lines=LINES_ANY))) < bar // 2
+
+
+def test_ruled_lines_across_the_image_are_removed_and_the_bar_kept() -> None:
+    clean = to_mnist(four_with_long_bar())
+    ruled = to_mnist(four_with_long_bar(ruled=True))
+    assert iou(ruled, clean) > 0.8
+
+
+def test_lone_stroke_spanning_the_image_is_a_one() -> None:
+    """One straight run with no other ink is not ruled paper (lines come in families)."""
+    img = np.full((200, 200), 240, np.uint8)
+    cv2.line(img, (100, 5), (102, 195), 20, 3)  # the stem, 95% of the height
+    cv2.line(img, (100, 5), (80, 30), 20, 3)  # a short flag
+
+    assert ink_aspect(to_mnist(img)) > 2.5  # a tall "1"
+    # the former rule took the stem for a line: the flag was all that was left
+    old = to_mnist(img, steps=Steps(lines=LINES_ANY))
+    assert old is None or ink_aspect(old) < 1.5
+
+
+def _on_paper(cover: np.ndarray, paper: tuple[float, ...], ink: tuple[float, ...], noise: float):
+    """(h, w, 3) uint8 BGR: ink over paper by coverage (h, w) in 0..1, plus gray noise."""
+    rng = np.random.default_rng(7)
+    p, k = np.array(paper, np.float32), np.array(ink, np.float32)
+    img = p * (1 - cover[..., None]) + k * cover[..., None]
+    img += rng.normal(0, noise, cover.shape)[..., None]
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _glyph_cover(digit: int, size: tuple[int, int] = (240, 320)) -> np.ndarray:
+    """(h, w) float32 coverage: a printed digit 120 px high in the middle."""
+    cover = np.zeros(size, np.float32)
+    glyph = cv2.resize(big_glyph(digit), (120, 120), interpolation=cv2.INTER_AREA)
+    y, x = (size[0] - 120) // 2, (size[1] - 120) // 2
+    cover[y : y + 120, x : x + 120] = glyph
+    return cover
+
+
+def test_faint_blue_ink_is_found() -> None:
+    """Contrast 20 in gray (blue ballpoint, pale) on paper with noise: ink by the noise floor."""
+    img = _on_paper(_glyph_cover(3), (235, 235, 235), (225, 215, 200), noise=2.0)
+    gray = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+    assert 235 - int(np.median(gray[gray < 225])) <= 25  # the stroke is that faint in gray
+    out = to_mnist(img)
+    assert out is not None and nearest_digit(out) == 3
+    assert to_mnist(img, steps=Steps(noise_floor=False)) is None  # the fixed floor of 40
+
+
+def test_red_ink_on_green_paper_is_found() -> None:
+    """Same luminance (gray 83 both): only the colour channels show the digit."""
+    img = _on_paper(_glyph_cover(3), (30, 120, 30), (20, 20, 230), noise=3.0)
+    lum = cv2.cvtColor(np.array([[[30, 120, 30], [20, 20, 230]]], np.uint8), cv2.COLOR_BGR2GRAY)
+    assert abs(int(lum[0, 0]) - int(lum[0, 1])) <= 1
+    out = to_mnist(img)
+    assert out is not None and nearest_digit(out) == 3
+    assert to_mnist(img, steps=Steps(colour=False)) is None
+
+
+def test_dark_digit_among_bright_scribbles_stays_gray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gray shows the grey digit well: the blue channel, where yellow scribbles are
+    blacker than the digit (more contrast), must not replace it."""
+    cover = _glyph_cover(4)
+    clean = _on_paper(cover, (255, 255, 255), (110, 110, 110), noise=1.0)
+    img = clean.copy()
+    for y in range(10, 240, 45):  # zigzag scribbles: no long straight runs (not lines)
+        pts = np.array([(x, y + 25 * ((x // 40) % 2)) for x in range(0, 321, 40)], np.int32)
+        cv2.polylines(img, [pts], False, (0, 255, 255), 9)
+    img[cover > 0.5] = (110, 110, 110)
+    reference = to_mnist(clean)
+    assert iou(to_mnist(img), reference) > 0.7
+    # without the rule, the channel with the most contrast wins: the scribbles
+    monkeypatch.setattr(preprocess, "COLOUR_GRAY_ENOUGH", math.inf)
+    assert iou(to_mnist(img), reference) < 0.5
+
+
+def test_thin_strokes_get_mnist_width() -> None:
+    """A 1 px ring in a 200 px drawing: a hairline at 28x28 unless dilated to MNIST's width."""
+    img = np.full((200, 200), 250, np.uint8)
+    cv2.ellipse(img, (100, 100), (45, 75), 0, 0, 360, 10, 1, cv2.LINE_8)
+    lo, hi = STROKE_RANGE
+    assert lo <= stroke_width_28(to_mnist(img)) <= hi
+    assert stroke_width_28(to_mnist(img, steps=Steps(stroke_width=False))) < lo
+
+
+def test_marker_strokes_are_thinned_and_loops_open() -> None:
+    """A 0 in marker that nearly fills its hole: eroded to within MNIST's range, hole wider."""
+    img = np.full((160, 160), 250, np.uint8)
+    cv2.ellipse(img, (80, 80), (45, 62), 0, 0, 360, 10, 56, cv2.LINE_AA)
+    out, plain = to_mnist(img), to_mnist(img, steps=Steps(stroke_width=False))
+    assert stroke_width_28(plain) > STROKE_RANGE[1]
+    assert stroke_width_28(out) <= STROKE_RANGE[1]
+
+    def hole(x: np.ndarray) -> int:  # paper pixels inside the ring's box
+        rows, cols = np.flatnonzero(x.max(1) >= 128), np.flatnonzero(x.max(0) >= 128)
+        return int((x[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] < 64).sum())
+
+    assert hole(out) > hole(plain)
+
+
+def test_thin_ink_on_shaded_paper_despite_the_polarity_guess() -> None:
+    """A shadow (dark tail) and glare (bright tail) fool the histogram's polarity guess."""
+    h = w = 320
+    yy, xx = np.mgrid[:h, :w].astype(np.float32)
+    shade = 190 - 18 / (1 + np.exp((xx - 40) / 6))  # soft shadow along the left edge
+    shade += 45 * np.exp(-((xx - w) ** 2 + yy**2) / (2 * 70.0**2))  # soft glare, top right
+    ring = np.zeros((h, w), np.uint8)
+    cv2.ellipse(ring, (180, 170), (45, 75), 0, 0, 360, 255, 1, cv2.LINE_AA)
+    cover = ring.astype(np.float32) / 255
+    noise = np.random.default_rng(3).normal(0, 1.5, (h, w))
+
+    def draw(paper: np.ndarray) -> np.ndarray:
+        return np.clip(paper * (1 - cover) + 60 * cover + noise, 0, 255).astype(np.uint8)
+
+    img = draw(shade)
+    lo, med, hi = np.percentile(img, [1, 50, 99])
+    assert med < (lo + hi) / 2  # the guess: ink is bright (wrong)
+    clean = to_mnist(draw(np.full((h, w), 190, np.float32)))
+    out = to_mnist(img)
+    assert out is not None and ink_box_side(out, level=128) >= MNIST_BOX - 1
+    assert abs(ink_aspect(out) - ink_aspect(clean)) < 0.2  # the same ring ...
+    assert out[12:17, 12:17].max() < 64  # ... with its hole (1 px shifts aside)
+    assert to_mnist(img, steps=Steps(noise_floor=False)) is None
+
+
+@pytest.mark.parametrize("shade", ["vignette", "lamp spot", "noisy vignette", "blotches"])
+def test_smooth_shading_has_no_ink(shade: str) -> None:
+    """What the flattening leaves of uneven lighting is not ink: it has no edges."""
+    h, w = 240, 320
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:h, :w].astype(np.float32)
+    r2 = ((yy - h / 2) ** 2 + (xx - w / 2) ** 2) / ((h / 2) ** 2 + (w / 2) ** 2)
+    img = {
+        "vignette": 240 - 150 * r2**1.5,
+        "lamp spot": 150 + 80 * np.exp(-((xx - 80) ** 2 + (yy - 60) ** 2) / (2 * 40.0**2)),
+        "noisy vignette": 220 - 60 * r2**2 + rng.normal(0, 6, (h, w)),
+        "blotches": 200 + 4 * cv2.GaussianBlur(rng.normal(0, 40, (h, w)), (0, 0), 12),
+    }[shade]
+    assert to_mnist(np.clip(img, 0, 255).astype(np.uint8)) is None
+
+
+def test_line_search_finds_nothing_on_blank_paper() -> None:
+    """No phantom runs: OpenCV's erosion border (255) drew one at a corner for tilted lines."""
+    from tasks.preprocess import _line_runs
+
+    assert _line_runs(np.zeros((240, 320), bool)) == []
+
+
+def test_colour_is_decoded_within_bounds(tmp_path: Path) -> None:
+    """load_image keeps BGR (alpha onto white); a colour JPEG's 3 channels count in its bound."""
+    rgba = np.zeros((60, 80, 4), np.uint8)
+    rgba[..., 2] = 200  # red where opaque
+    rgba[20:40, 30:50, 3] = 255  # only a square is opaque
+    path = tmp_path / "rgba.png"
+    path.write_bytes(_png_bytes(rgba))
+    img = load_image(path)
+    assert img.shape == (60, 80, 3)
+    assert (img[0, 0] == 255).all() and tuple(img[30, 40]) == (0, 0, 200)
+    assert load_gray(path).shape == (60, 80)
+
+    bgr = _on_paper(_glyph_cover(5, (1200, 1600)), (230, 230, 230), (200, 60, 20), noise=2.0)
+    ok, buf = cv2.imencode(".jpg", bgr)
+    assert ok
+    header = read_header(buf.tobytes())
+    assert header is not None and header.channels == 3
+    assert decode_bytes(header) == 2 * 1200 * 1600 * 3
+    jpg = tmp_path / "colour.jpg"
+    jpg.write_bytes(buf.tobytes())
+    img = load_image(jpg, max_pixels=200_000, max_side=4096)  # decoded at 1/4, in colour
+    assert img.shape == (300, 400, 3)
+    assert nearest_digit(to_mnist(img)) == 5
+    assert prepare_file(jpg).status == "ok"
 
 
 # --------------------------------------------------------------------------- decoding

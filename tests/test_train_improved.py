@@ -10,7 +10,7 @@ import torch
 
 from tasks.config import AugmentParams, ParamsError, TrainParams, parse_params
 from tasks.model import ImprovedCNN, build_model, load_model, normalize_uint8, save_model
-from tasks.train import random_affine, train, train_batch_inputs
+from tasks.train import random_affine, random_appearance, train, train_batch_inputs
 
 AUG = AugmentParams(rotate_deg=15.0, scale=0.15, translate=0.1)
 # the improved recipe, shrunk for 420 tiny images: a few epochs, small batches
@@ -73,7 +73,69 @@ def test_near_zero_affine_is_the_identity():
     assert torch.allclose(out, x, atol=1e-4)  # the grid convention maps pixels onto themselves
 
 
-@pytest.mark.parametrize("kwargs", [{"batchnorm": True, "dropout": 0.3}, {"batchnorm": False}])
+def test_near_zero_shear_and_elastic_are_the_identity():
+    x = normalize_uint8(_digits(4), 0.0, 1.0)
+    tiny = AugmentParams(shear_deg=1e-6, elastic_px=1e-6)
+    out = random_affine(x, tiny, torch.Generator().manual_seed(0))
+    assert torch.allclose(out, x, atol=1e-4)
+
+
+def _column_centre(img: torch.Tensor, rows: slice) -> float:
+    """Ink-weighted mean column of ``rows`` of a (28, 28) image."""
+    band = img[rows]
+    return float((band.sum(0) * torch.arange(28.0)).sum() / band.sum())
+
+
+def test_shear_slants_per_sample_and_elastic_bends():
+    x = normalize_uint8(_digits(8), 0.0, 1.0)  # a vertical bar, rows 6..21
+    sheared = random_affine(x, AugmentParams(shear_deg=20.0), torch.Generator().manual_seed(0))
+    # a sheared bar's top and bottom move to opposite sides: its slant is not zero
+    slants = [
+        _column_centre(img[0], slice(6, 10)) - _column_centre(img[0], slice(18, 22))
+        for img in sheared
+    ]
+    assert max(abs(s) for s in slants) > 1.0
+    assert len({round(s, 3) for s in slants}) == len(slants)  # each sample its own shear
+    bent = random_affine(x, AugmentParams(elastic_px=3.0), torch.Generator().manual_seed(0))
+    assert not torch.allclose(bent, x, atol=0.05)
+    # a smooth warp stretches or squeezes the bar locally, each sample its own way, but it
+    # stays a stroke (3 px of displacement cannot move a 16 px bar out of the image)
+    mass = bent.sum((1, 2, 3))
+    assert bool((mass > 0.25 * x[0].sum()).all()) and mass.std() > 1.0
+
+
+def test_stroke_width_thickens_and_thins_per_sample():
+    x = normalize_uint8(_digits(32), 0.0, 1.0)  # a 4 px wide bar: 64 pixels of ink per row band
+    out = random_appearance(x, AugmentParams(stroke=1.0), torch.Generator().manual_seed(0))
+    ink = out.sum((1, 2, 3)) / x.sum((1, 2, 3))  # (B,) ink relative to the input
+    assert ink.max() > 1.2 and ink.min() < 0.8  # some samples thicker, some thinner
+    assert out.min() >= 0.0 and out.max() <= 1.0  # blends of max/min: no new extremes
+    # the thinnest never loses the stroke: erosion by at most one pixel per side
+    assert bool((out.amax((1, 2, 3)) > 0.99).all())
+
+
+def test_blur_and_contrast_soften_and_dim():
+    x = normalize_uint8(_digits(16), 0.0, 1.0)
+    gen = torch.Generator().manual_seed(0)
+    blurred = random_appearance(x, AugmentParams(blur=1.0), gen)
+    # blur spreads ink beyond the bar's columns 12..15, keeping its total (zero padding aside)
+    assert float(blurred[:, 0, :, 11].sum()) > 0 and float(x[:, 0, :, 11].sum()) == 0
+    dimmed = random_appearance(x, AugmentParams(contrast=0.5), torch.Generator().manual_seed(0))
+    peaks = dimmed.amax((1, 2, 3))
+    assert peaks.min() >= 0.5 - 1e-6 and peaks.max() <= 1.0 and peaks.std() > 0
+
+
+def test_appearance_only_augmentation_keeps_the_geometry():
+    x = _digits(8)
+    aug = AugmentParams(blur=0.5, contrast=0.3)
+    out = train_batch_inputs(x, 0.0, 1.0, aug, torch.Generator().manual_seed(0))
+    # no warp: the bar's ink-weighted centre stays on columns 12..15
+    assert all(abs(_column_centre(img[0], slice(6, 22)) - 13.5) < 0.01 for img in out)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"batchnorm": True, "dropout": 0.3}, {"batchnorm": False}, {"width": 8}]
+)
 def test_improved_model_saves_and_loads_its_switches(tmp_path: Path, kwargs: dict):
     torch.manual_seed(0)
     model = build_model("improved", **kwargs).eval()
@@ -95,11 +157,11 @@ def test_files_without_arch_kwargs_still_load(tmp_path: Path, trained_model_path
 @pytest.mark.parametrize(
     ("data", "key"),
     [
-        ({"train": {"batchnorm": True}}, "train.batchnorm"),  # the seed CNN has none
-        ({"train": {"model": "improved", "dropout": 1.0}}, "train.dropout"),
-        ({"train": {"augment": {"scale": 1.5}}}, "train.augment.scale"),
-        ({"train": {"augment": {"rotate": 10}}}, "train.augment.rotate"),
-        ({"train": {"schedule": "cosine"}}, "train.schedule"),
+        ({"train": {"seed": {"batchnorm": True}}}, "train.seed.batchnorm"),  # the seed CNN has none
+        ({"train": {"seed": {"model": "improved", "dropout": 1.0}}}, "train.seed.dropout"),
+        ({"train": {"seed": {"augment": {"scale": 1.5}}}}, "train.seed.augment.scale"),
+        ({"train": {"seed": {"augment": {"rotate": 10}}}}, "train.seed.augment.rotate"),
+        ({"train": {"seed": {"schedule": "cosine"}}}, "train.seed.schedule"),
     ],
 )
 def test_bad_improved_params_name_the_key(data: dict, key: str):
