@@ -129,7 +129,10 @@ def train(
 ) -> None:
     """Train the CNN with a recipe; resumes from the checkpoint of an interrupted identical run."""
     from tasks.config import load_params
+    from tasks.malloc import keep_freed_memory
     from tasks.train import train as train_step
+
+    keep_freed_memory()  # before any tensor: each step reuses its memory (tasks/malloc.py)
 
     p = load_params(params).recipe(recipe)
     result = train_step(data / "train.npz", data / "val.npz", model, live_dir, checkpoint, p)
@@ -151,6 +154,9 @@ def evaluate(
     """Test accuracy, per-class metrics, confusion matrix, most-confused pairs."""
     from tasks.config import load_params
     from tasks.evaluate import evaluate as evaluate_step
+    from tasks.malloc import keep_freed_memory
+
+    keep_freed_memory()  # 1000-image batches reuse their memory (tasks/malloc.py)
 
     all_params = load_params(params)
     p = all_params.evaluate
