@@ -1160,11 +1160,11 @@ def _stroke_widths(core: np.ndarray) -> tuple[float, float]:
     return float(median), float(thin)
 
 
-def _normalize_stroke(crop: np.ndarray, core: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _normalize_stroke(crop: np.ndarray, core: np.ndarray) -> np.ndarray:
     """Dilate or erode a digit's crop so its strokes come out MNIST-wide at 28x28.
 
-    ``crop`` (h, w) float32 ink (paper 0), ``core`` (h, w) bool its ink mask; both
-    are returned re-cropped to the new ink box (the box grows by r per side when
+    ``crop`` (h, w) float32 ink (paper 0), ``core`` (h, w) bool its ink mask; the crop
+    is returned re-cropped to the new ink box (the box grows by r per side when
     dilating by a disc of radius r, shrinks when eroding). The radius solves
     (width +- 2r) * 20 / (side +- 2r) = STROKE_TARGET. Erosion stops where the
     thin parts (STROKE_THIN_SHARE percentile) would get thinner than the target,
@@ -1173,7 +1173,7 @@ def _normalize_stroke(crop: np.ndarray, core: np.ndarray) -> tuple[np.ndarray, n
     side = max(crop.shape)
     width, thin = _stroke_widths(core)
     if width <= 0:
-        return crop, core
+        return crop
     lo, hi = STROKE_RANGE
     at_28 = width * MNIST_BOX / side
     denom = 2 * (MNIST_BOX - STROKE_TARGET)
@@ -1186,9 +1186,9 @@ def _normalize_stroke(crop: np.ndarray, core: np.ndarray) -> tuple[np.ndarray, n
         r = min(r, math.floor((thin - target_px) / 2))
         op = cv2.erode
     else:
-        return crop, core
+        return crop
     if r < 1:
-        return crop, core
+        return crop
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
     if op is cv2.dilate:  # room for the strokes to grow
         crop = cv2.copyMakeBorder(crop, r, r, r, r, cv2.BORDER_CONSTANT, value=0)
@@ -1196,9 +1196,9 @@ def _normalize_stroke(crop: np.ndarray, core: np.ndarray) -> tuple[np.ndarray, n
     new_core = op(core.view(np.uint8), kernel)
     box = _box(new_core)
     if box is None:  # cannot happen with the cap above; keep the digit rather than lose it
-        return crop, core.view(bool)
+        return crop
     y0, y1, x0, x1 = box
-    return op(crop, kernel)[y0:y1, x0:x1], new_core[y0:y1, x0:x1].view(bool)
+    return op(crop, kernel)[y0:y1, x0:x1]
 
 
 def _fit_mnist(ink: np.ndarray) -> np.ndarray:
@@ -1284,7 +1284,7 @@ def _digit_image(ink: np.ndarray, steps: Steps) -> np.ndarray | None:
     crop = np.clip((crop - levels.paper) * scale, 0, 255)  # paper 0, stroke 255
     crop[~keep] = 0
     if steps.stroke_width:
-        crop, _ = _normalize_stroke(crop, core)
+        crop = _normalize_stroke(crop, core)
     return _fit_mnist(crop)
 
 
