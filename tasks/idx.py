@@ -21,20 +21,36 @@ class IdxError(ValueError):
     """An IDX file is malformed, truncated or not what was expected."""
 
 
-def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
-    """Parse IDX bytes into a uint8 array, checking header and length."""
-    if len(data) < 4:
-        raise IdxError(f"{name}: too short for an IDX header ({len(data)} bytes)")
-    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+MAX_HEADER = 4 + 4 * 3  # the longest header: 3 dims
+
+
+def parse_header(head: bytes, name: str = "<bytes>") -> tuple[int, tuple[int, ...]] | None:
+    """(header length, shape) from the first bytes of an IDX file; None while incomplete.
+
+    The one rule for an IDX header, shared by :func:`parse_idx` and the download's
+    streaming size cap (the header fixes the file's exact size).
+    """
+    if len(head) < 4:
+        return None
+    zero, dtype, ndim = struct.unpack(">HBB", head[:4])
     if zero != 0 or dtype != UINT8 or not 1 <= ndim <= 3:
         raise IdxError(
-            f"{name}: bad IDX magic number 0x{int.from_bytes(data[:4], 'big'):08x} "
+            f"{name}: bad IDX magic number 0x{int.from_bytes(head[:4], 'big'):08x} "
             "(expected 0x00000801 labels or 0x00000803 images)"
         )
     header = 4 + 4 * ndim
-    if len(data) < header:
-        raise IdxError(f"{name}: truncated IDX header")
-    shape = struct.unpack(f">{ndim}I", data[4:header])
+    if len(head) < header:
+        return None
+    return header, struct.unpack(f">{ndim}I", head[4:header])
+
+
+def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Parse IDX bytes into a uint8 array, checking header and length."""
+    parsed = parse_header(data, name)
+    if parsed is None:
+        what = "too short for an IDX header" if len(data) < 4 else "truncated IDX header"
+        raise IdxError(f"{name}: {what} ({len(data)} bytes)")
+    header, shape = parsed
     expected = int(np.prod(shape, dtype=np.int64))
     got = len(data) - header
     if got != expected:

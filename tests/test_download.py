@@ -8,10 +8,11 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tasks.download import MNIST_FILES, DownloadError, download_mnist, load_checksums
-from tasks.idx import read_images
+from tasks.idx import read_images, write_idx
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -182,5 +183,12 @@ def test_file_url_source(tiny_mnist: Path, tmp_path: Path):
 
 
 def test_real_mnist_checksums_reject_synthetic_data(tiny_mnist: Path, tmp_path: Path):
-    with pytest.raises(DownloadError, match="SHA-256 mismatch"):
+    # the tiny set's header declares 600 images, not MNIST's 60,000: refused by its size
+    with pytest.raises(DownloadError, match="not MNIST's 47,040,016 bytes"):
         download_mnist(tmp_path / "raw", [str(tiny_mnist / "mirror")])
+    # a file of exactly MNIST's shape but other content: refused by its SHA-256
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    write_idx(fake / MNIST_FILES["train_images"], np.zeros((60_000, 28, 28), np.uint8))
+    with pytest.raises(DownloadError, match="SHA-256 mismatch"):
+        download_mnist(tmp_path / "raw", [str(fake)])
