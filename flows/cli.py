@@ -33,13 +33,45 @@ DEFAULT_RECIPE = "seed"
 CHECKSUMS_ENV = "DIGITFLOW_MNIST_CHECKSUMS"
 
 
-@app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+# digitflow's own loggers (the packages of this project): INFO by default. Every other
+# logger (httpx, DVC, Prefect's client internals, ...) stays at WARNING: a run's output is
+# what digitflow did, not each HTTP request behind it. `-v` lowers both levels one step.
+OWN_LOGGERS = ("tasks", "flows")
+# Prefect's temporary server, which `digitflow run` / `retrain` / `batch-predict` start when
+# no PREFECT_API_URL is set, sends a telemetry heartbeat at start-up: offline it logs an
+# ERROR, and its write to the fresh SQLite database races the server's own ("database is
+# locked", a 60-line traceback) though the run succeeds. A user's own setting wins.
+ANALYTICS_ENV = "PREFECT_SERVER_ANALYTICS_ENABLED"
+
+
+def quiet_temporary_server() -> None:
+    """No telemetry from the Prefect server this process may start (unless the user set it).
+
+    Set in the environment, before Prefect reads its settings: the temporary server runs
+    in a child process that inherits it. Only a server reads this setting, so it changes
+    nothing when PREFECT_API_URL points at a real server.
+    """
+    os.environ.setdefault(ANALYTICS_ENV, "false")
+
+
+def configure_logging(verbose: bool) -> None:
+    """digitflow's loggers at INFO (DEBUG with -v), every library at WARNING (INFO with -v)."""
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="debug logs, and libraries' INFO logs")
+    ] = False,
+) -> None:
+    configure_logging(verbose)
 
 
 def _fail_cleanly(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -207,6 +239,7 @@ app.command("serve")(flow_cmds.serve)
 
 def main() -> None:
     """Console-script entry point."""
+    quiet_temporary_server()  # before any command imports Prefect
     app()
 
 

@@ -46,8 +46,25 @@ def run(
         typer.echo(f"{stage['stage']:<10} {stage['status']:<8} {stage['seconds']:8.1f} s")
 
 
+def _refuse_bad_overrides(root: Path, overrides: list[str]) -> None:
+    """Bad overrides (syntax, unknown key, a promotion rule, a bad value): one line, exit 2.
+
+    Checked here, before Prefect starts, so the message is printed once, not again by the
+    failed flow run's logs and state.
+    """
+    from flows.retrain import RetrainError, validate_overrides
+    from tasks.config import ParamsError
+
+    try:
+        validate_overrides(root, overrides)
+    except (RetrainError, ParamsError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
 def retrain(root: RootOpt = Path("."), set_param: SetOpt = None) -> None:
     """Train a challenger and promote it (tag model@vN) only if it beats the champion."""
+    _refuse_bad_overrides(root, set_param or [])
     from flows.retrain import retrain as retrain_flow
 
     state = retrain_flow(root=str(root), overrides=set_param or [], return_state=True)
@@ -56,7 +73,7 @@ def retrain(root: RootOpt = Path("."), set_param: SetOpt = None) -> None:
         raise typer.Exit(1)
     result = state.result()
     verdict = f"promoted {result['tag']}" if result["promoted"] else "rejected"
-    typer.echo(f"challenger {verdict} (champion was {result['champion'] or 'none'})")
+    typer.echo(f"challenger {verdict} (compared with {result['compared_with'] or 'nothing yet'})")
     for reason in result["reasons"]:
         typer.echo(f"  - {reason}")
 
@@ -92,13 +109,7 @@ def serve(
     set_param: SetOpt = None,
 ) -> None:
     """Serve the retrain flow on a cron schedule (needs a running Prefect server)."""
-    from flows.retrain import RetrainError, check_overrides
-
-    try:  # refused now, not at every scheduled run
-        check_overrides(set_param or [])
-    except RetrainError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+    _refuse_bad_overrides(root, set_param or [])  # refused now, not at every scheduled run
     if problem := api_problem():
         typer.echo(f"error: {problem}", err=True)
         raise typer.Exit(2)

@@ -131,6 +131,16 @@ def _clean_output(text: str) -> str:
     return "\n".join(line.rsplit("\r", 1)[-1] for line in text.splitlines()).strip()
 
 
+# What `dvc repro` prints after every stage it ran, whatever the repo's remotes (DVC has no
+# switch for it). True in a checkout that is shared; a retrain challenger's scratch worktree
+# is not, so there it is left out of the stage's log.
+DVC_PUSH_HINT = "Use `dvc push` to send your updates to remote storage."
+
+
+def _without_push_hint(output: str) -> str:
+    return "\n".join(line for line in output.splitlines() if line.strip() != DVC_PUSH_HINT)
+
+
 def _stage_status(output: str, target: str) -> str:
     """What DVC did: 'skipped' (up to date), 'restored' (run-cache) or 'ran'."""
     if f"'{target}' didn't change, skipping" in output:
@@ -141,8 +151,11 @@ def _stage_status(output: str, target: str) -> str:
 
 
 @task(cache_policy=NO_CACHE)  # DVC decides what is up to date, not Prefect
-def run_stage(root: str, target: str) -> dict[str, Any]:
-    """Reproduce one stage with ``dvc repro --single-item``; raise StageFailed on failure."""
+def run_stage(root: str, target: str, dvc_push_hint: bool = True) -> dict[str, Any]:
+    """Reproduce one stage with ``dvc repro --single-item``; raise StageFailed on failure.
+
+    ``dvc_push_hint=False`` leaves DVC's "Use `dvc push`" line out of the logged output.
+    """
     logger = get_run_logger()
     start = time.perf_counter()
     proc = subprocess.run(
@@ -155,6 +168,8 @@ def run_stage(root: str, target: str) -> dict[str, Any]:
     )
     seconds = time.perf_counter() - start
     output = _clean_output(proc.stdout + "\n" + proc.stderr)
+    if not dvc_push_hint:
+        output = _without_push_hint(output)
     if proc.returncode != 0:
         tail = "\n".join(output.splitlines()[-ERROR_TAIL_LINES:])
         logger.error("stage %s failed (exit %d):\n%s", target, proc.returncode, output)
@@ -298,11 +313,15 @@ def default_baseline(root: Path) -> str | None:
 
 
 @flow(name="training_pipeline")
-def training_pipeline(root: str = ".", baseline: str | None = None) -> list[dict[str, Any]]:
+def training_pipeline(
+    root: str = ".", baseline: str | None = None, dvc_push_hint: bool = True
+) -> list[dict[str, Any]]:
     """Run every dvc.yaml stage in dependency order; publish metrics artifacts.
 
     ``baseline`` is the revision the metrics are diffed against (default: the
-    champion tag ``model@vN``, else HEAD). Returns one {stage, status, seconds} per stage.
+    champion tag ``model@vN``, else HEAD). ``dvc_push_hint=False`` (a scratch checkout,
+    e.g. the retrain worktree) drops DVC's "Use `dvc push`" line from the stage logs.
+    Returns one {stage, status, seconds} per stage.
     """
     from tasks.config import load_params
 
@@ -319,7 +338,9 @@ def training_pipeline(root: str = ".", baseline: str | None = None) -> list[dict
             options["retry_delay_seconds"] = exponential_backoff(
                 backoff_factor=params.pipeline.retry_delay_s
             )
-        results.append(run_stage.with_options(**options)(str(repo_root), stage.target))
+        results.append(
+            run_stage.with_options(**options)(str(repo_root), stage.target, dvc_push_hint)
+        )
     publish_artifacts(
         repo_root, baseline or default_baseline(repo_root), results, params.predict.model
     )

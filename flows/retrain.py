@@ -4,14 +4,18 @@ Promotion scheme (git tags ``model@vN``):
 
 * The champion is the newest tag ``model@vN``; its metrics are read from git
   (``git show model@vN:data/evaluate/<model>/metrics.json``, ``<model>`` being the
-  prediction model, params.yaml predict.model). No tag yet: the first
-  challenger that completes is promoted as ``model@v1``.
+  prediction model, params.yaml predict.model). No tag yet: the challenger is
+  compared with the model committed at HEAD (its metrics in git), so a first
+  champion is never worse than what the repository already holds; with no
+  committed metrics either, the first challenger that completes is promoted as
+  ``model@v1``.
 * The challenger runs the ``training_pipeline`` flow in a temporary detached git
   worktree of HEAD (param overrides applied to its params.yaml, Hydra syntax as
-  in ``dvc exp run -S``), sharing the main repo's DVC cache. Its stage commands
-  import the worktree's ``tasks``/``flows`` (``dvc_env``), i.e. the committed code
-  that dvc.lock records. The main working tree, its branch and its outputs are
-  never touched.
+  in ``dvc exp run -S``, checked against HEAD's params.yaml before any work and
+  written without reformatting the rest of the file), sharing the main repo's
+  DVC cache. Its stage commands import the worktree's ``tasks``/``flows``
+  (``dvc_env``), i.e. the committed code that dvc.lock records. The main working
+  tree, its branch and its outputs are never touched.
 * The promotion rules (``retrain:`` in params.yaml) are read from HEAD as
   committed, before any override; overriding ``retrain.*`` is refused, so a
   challenger cannot lower the bar it is judged by.
@@ -29,6 +33,8 @@ Promotion scheme (git tags ``model@vN``):
 
 from __future__ import annotations
 
+import difflib
+import io
 import json
 import os
 import re
@@ -36,6 +42,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +58,8 @@ from flows.pipeline import (
     latest_champion,
     training_pipeline,
 )
-from tasks.config import RetrainParams
+from tasks.config import ParamsError, RetrainParams
+from tasks.io import atomic_write_text
 
 ARTIFACT_DECISION = "digitflow-retrain-decision"
 # Fallback identity for the promotion commit when the repo has none configured.
@@ -61,6 +69,19 @@ RULES_SECTION = "retrain"
 # The challenger worktree: <tmp>/digitflow-retrain-XXXX/challenger, locked with this reason.
 WORKTREE_PREFIX = "digitflow-retrain-"
 LOCK_REASON = re.compile(r"digitflow retrain pid (?P<pid>\d+) on (?P<host>\S+)")
+# What the challenger is judged against when no model@vN tag exists yet.
+HEAD_BASELINE = "HEAD"
+# difflib similarity (0..1) above which a known key is offered for a mistyped one: 0.6 is
+# difflib's own default, close enough for `train.epoch` -> `train.robust.epochs`.
+SUGGEST_CUTOFF = 0.6
+SUGGEST_MAX = 3  # keys offered in one "did you mean"
+# YAML block styles (mapping indent, sequence indent, dash offset) a params file may use.
+# ruamel writes the one it is given and does not detect it (its load_yaml_guess_indent
+# reports 4 for params.yaml, the sequence indent, where mappings indent by 2): the style
+# whose round trip reproduces the file unchanged is the file's own.
+YAML_STYLES = ((2, 4, 2), (2, 2, 0), (4, 4, 2), (4, 4, 0), (4, 6, 4))
+# Line width for ruamel: wide enough that it never folds a long value (a mirror URL) anew.
+YAML_WIDTH = 4096
 
 
 class RetrainError(RuntimeError):
@@ -94,10 +115,16 @@ def judge(
     challenger_metrics: dict[str, Any],
     challenger_classes: dict[str, Any],
     rules: RetrainParams,
+    against: str = "champion",
 ) -> Decision:
-    """Promote iff accuracy gains >= min_improvement and no class recall drops > max_class_drop."""
+    """Promote iff accuracy gains >= min_improvement and no class recall drops > max_class_drop.
+
+    ``against`` names the model compared with in the reasons (the champion tag's, or HEAD's).
+    """
     if champion_metrics is None or champion_classes is None:
-        return Decision(True, ["no champion yet: the first model is promoted"])
+        return Decision(
+            True, ["no champion yet and no model committed at HEAD: the first model is promoted"]
+        )
     gain = float(challenger_metrics["accuracy"]) - float(champion_metrics["accuracy"])
     old, new = _recalls(champion_classes), _recalls(challenger_classes)
     drops = {c: old[c] - new.get(c, 0.0) for c in old}
@@ -106,14 +133,14 @@ def judge(
     eps = 1e-12
     if gain + eps < rules.min_improvement:
         reasons.append(
-            f"test accuracy {challenger_metrics['accuracy']:.4f} vs champion "
+            f"test accuracy {challenger_metrics['accuracy']:.4f} vs {against} "
             f"{champion_metrics['accuracy']:.4f}: gain {gain:+.4f} < required "
             f"{rules.min_improvement:.4f} (retrain.min_improvement)"
         )
     worst = {c: d for c, d in drops.items() if d > rules.max_class_drop + eps}
     for c, d in sorted(worst.items(), key=lambda kv: -kv[1]):
         reasons.append(
-            f"class {c} recall {new.get(c, 0.0):.4f} vs champion {old[c]:.4f}: drop {d:.4f} "
+            f"class {c} recall {new.get(c, 0.0):.4f} vs {against} {old[c]:.4f}: drop {d:.4f} "
             f"> allowed {rules.max_class_drop:.4f} (retrain.max_class_drop)"
         )
     if reasons:
@@ -134,6 +161,16 @@ def read_at_rev(root: Path, rev: str, path: str) -> dict[str, Any]:
     return json.loads(_git(root, "show", f"{rev}:{path}").stdout)
 
 
+def committed_evaluation(
+    root: Path, rev: str, metrics_file: str, classes_file: str
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The evaluate stage's metrics and per-class file as committed at ``rev`` (None if absent)."""
+    for path in (metrics_file, classes_file):
+        if _git(root, "cat-file", "-e", f"{rev}:{path}", check=False).returncode != 0:
+            return None
+    return read_at_rev(root, rev, metrics_file), read_at_rev(root, rev, classes_file)
+
+
 def check_overrides(overrides: list[str]) -> None:
     """Refuse overrides that are not Hydra syntax or that change the promotion rules."""
     from dvc.utils.hydra import to_hydra_overrides
@@ -151,6 +188,145 @@ def check_overrides(overrides: list[str]) -> None:
                 f"the {RULES_SECTION}.* rules come from params.yaml as committed at HEAD "
                 "and cannot be overridden by the challenger; commit a change to them instead"
             )
+
+
+def params_keys(data: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Every dotted key of a params mapping, sections included (``train``, ``train.seed.lr``)."""
+    keys = []
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        keys.append(key)
+        if isinstance(value, Mapping):
+            keys += params_keys(value, f"{key}.")
+    return keys
+
+
+def did_you_mean(key: str, known: list[str]) -> str:
+    """`` (did you mean a or b?)`` for the known keys closest to ``key``; empty if none is."""
+    close = difflib.get_close_matches(key, known, n=SUGGEST_MAX, cutoff=SUGGEST_CUTOFF)
+    if not close:  # a bare or misplaced name (`epochs`): the keys whose last part is like it
+        leaf_of = {k: k.rsplit(".", 1)[-1] for k in known}
+        leaf = key.rsplit(".", 1)[-1]
+        names = difflib.get_close_matches(leaf, set(leaf_of.values()), n=1, cutoff=SUGGEST_CUTOFF)
+        close = [k for k, name in leaf_of.items() if names and name == names[0]][:SUGGEST_MAX]
+    if not close:
+        return ""
+    listed = close[0] if len(close) == 1 else f"{', '.join(close[:-1])} or {close[-1]}"
+    return f" (did you mean {listed}?)"
+
+
+def _has_key(data: Mapping[str, Any], key: str) -> bool:
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def check_override_keys(overrides: list[str], params: Mapping[str, Any]) -> None:
+    """Each override names a key of ``params`` (``+key`` one that is not there yet).
+
+    Hydra (``dvc exp run -S``) refuses an unknown key with a traceback that never names
+    it; this names it and the closest keys. One challenger per run: no sweeps.
+    """
+    from dvc.utils.hydra import to_hydra_overrides
+
+    known = params_keys(params)
+    for override in to_hydra_overrides(overrides):
+        key, line = override.key_or_group, override.input_line
+        if override.is_sweep_override():
+            raise ParamsError(
+                f"-S {line}: a sweep; retrain trains one challenger, give one value "
+                "(sweeps: `dvc exp run --queue -S`)"
+            )
+        exists = _has_key(params, key)
+        if override.is_add() and exists:
+            raise ParamsError(f"-S {line}: params.yaml has {key} already; drop the '+' to set it")
+        if not (override.is_add() or override.is_force_add()) and not exists:
+            raise ParamsError(f"-S {line}: params.yaml has no key {key}{did_you_mean(key, known)}")
+
+
+def _round_trip_yaml(text: str) -> Any:
+    """A ruamel round-trip YAML that writes ``text`` back byte for byte when nothing changed."""
+    from ruamel.yaml import YAML
+
+    def make(mapping: int, sequence: int, offset: int) -> Any:
+        yaml = YAML()  # round trip: comments, key order and number spellings kept
+        yaml.indent(mapping=mapping, sequence=sequence, offset=offset)
+        yaml.width = YAML_WIDTH
+        yaml.preserve_quotes = True
+        return yaml
+
+    for style in YAML_STYLES:
+        yaml = make(*style)
+        out = io.StringIO()
+        yaml.dump(yaml.load(text), out)
+        if out.getvalue() == text:
+            return yaml
+    # a layout none of the styles writes: the values are still right, the layout is ruamel's
+    return make(*YAML_STYLES[0])
+
+
+def write_overrides(path: Path, overrides: list[str]) -> None:
+    """Apply ``-S`` overrides to a params.yaml, leaving every other line as it was.
+
+    The values are composed exactly as ``dvc exp run -S`` does (DVC's Hydra helpers), so
+    an override means the same thing here and there; only the writing differs: DVC
+    re-dumps the whole file in ruamel's default style (re-indenting lists), this keeps the
+    file's own style, comments included. Written atomically.
+    """
+    from dvc.utils.collections import merge_dicts, remove_missing_keys, to_omegaconf
+    from dvc.utils.hydra import to_hydra_overrides
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.errors import ConfigCompositionException
+    from omegaconf import OmegaConf
+
+    text = path.read_text(encoding="utf-8")
+    yaml = _round_trip_yaml(text)
+    data = yaml.load(text)
+    config = OmegaConf.create(to_omegaconf(data), flags={"allow_objects": True})
+    OmegaConf.set_struct(config, True)  # as DVC: a plain override may not invent a key
+    try:
+        ConfigLoaderImpl._apply_overrides_to_config(to_hydra_overrides(overrides), config)
+    except ConfigCompositionException as exc:
+        raise ParamsError(f"-S {' '.join(overrides)}: {exc}") from exc
+    new_data = OmegaConf.to_object(config)
+    merge_dicts(data, new_data)
+    remove_missing_keys(data, new_data)
+    out = io.StringIO()
+    yaml.dump(data, out)
+    atomic_write_text(path, out.getvalue())
+
+
+def validate_overrides(root: Path, overrides: list[str]) -> None:
+    """Refuse, before any work, overrides the challenger could not train with.
+
+    Syntax and the promotion rules (RetrainError), then each key against params.yaml as
+    committed at HEAD (the challenger's), then the overridden values (ParamsError).
+    """
+    import yaml
+
+    from tasks.config import load_params
+
+    check_overrides(overrides)
+    if not overrides:
+        return
+    text = _git(root, "show", "HEAD:params.yaml").stdout
+    data = yaml.safe_load(text)
+    if not isinstance(data, Mapping):
+        raise ParamsError("HEAD:params.yaml: top level must be a mapping of stage sections")
+    check_override_keys(overrides, data)
+    with tempfile.TemporaryDirectory(prefix="digitflow-overrides-") as tmp:
+        path = Path(tmp) / "params.yaml"
+        path.write_text(text, encoding="utf-8")
+        write_overrides(path, overrides)
+        try:
+            load_params(path)
+        except ParamsError as exc:
+            # the temporary copy's path means nothing to the user: name what it stands for
+            where = "params.yaml (HEAD, with the -S overrides)"
+            raise ParamsError(str(exc).replace(str(path), where)) from exc
 
 
 def committed_rules(root: Path) -> RetrainParams:
@@ -227,6 +403,9 @@ def _add_worktree(root: Path, where: Path) -> None:
         cache_dir = main.cache.local_cache_dir
     with Repo(str(where)) as wt, wt.config.edit("local") as conf:
         conf["cache"]["dir"] = cache_dir
+        # DVC stages what it writes (the promotion commits it): no "To track the changes
+        # with git, run: git add dvc.lock" hint in the stage logs, which would be wrong here
+        conf["core"]["autostage"] = True
 
 
 def _remove_worktree(root: Path, where: Path) -> None:
@@ -268,10 +447,10 @@ def decision_markdown(
     """The artifact explaining the decision."""
     verdict = f"promoted as `{tag}`" if decision.promote else "rejected"
     lines = [f"# Retrain: challenger {verdict}", ""]
-    lines += [f"- champion: `{champion}`" if champion else "- champion: none"]
+    lines += [f"- compared with: `{champion}`" if champion else "- compared with: nothing yet"]
     lines += [f"- overrides: `{' '.join(overrides)}`" if overrides else "- overrides: none", ""]
     lines += ["## Why", "", *[f"- {r}" for r in decision.reasons], ""]
-    lines += ["| metric | champion | challenger |", "|---|---|---|"]
+    lines += [f"| metric | {champion or 'champion'} | challenger |", "|---|---|---|"]
     for key in ("accuracy", "loss", "macro_f1", "errors"):
         old = champion_metrics.get(key) if champion_metrics else None
         lines.append(f"| {key} | {old if old is not None else '–'} | {challenger_metrics[key]} |")
@@ -285,18 +464,18 @@ def decision_markdown(
 def retrain(root: str = ".", overrides: list[str] | None = None) -> dict[str, Any]:
     """Train a challenger from HEAD (+ ``overrides``); promote it as ``model@vN`` if better.
 
-    Returns {promoted, tag, champion, reasons, commit}. The main working tree is never modified.
+    Returns {promoted, tag, champion, compared_with, reasons, commit, accuracy}. The main
+    working tree is never modified.
     """
-    from dvc.utils.hydra import apply_overrides
-
     from tasks.config import load_params
 
     logger = get_run_logger()
     overrides = list(overrides or [])
-    check_overrides(overrides)
     repo_root = Path(_git(Path(root), "rev-parse", "--show-toplevel").stdout.strip())
     if _git(repo_root, "rev-parse", "--verify", "--quiet", "HEAD", check=False).returncode:
         raise RetrainError(f"{repo_root}: no commit yet; commit the pipeline first")
+    # before any work (`digitflow retrain` and `serve` check first too; a served run starts here)
+    validate_overrides(repo_root, overrides)
     for path in prune_stale_worktrees(repo_root):
         logger.warning("removed the worktree of a retrain run that died: %s", path)
     # the bar the challenger is judged by: HEAD's, as committed, before any override
@@ -310,10 +489,10 @@ def retrain(root: str = ".", overrides: list[str] | None = None) -> dict[str, An
     try:
         _add_worktree(repo_root, worktree)
         if overrides:
-            apply_overrides(worktree / "params.yaml", overrides)
-        # validated here (overrides included): bad overrides fail before any training
+            write_overrides(worktree / "params.yaml", overrides)
         served = load_params(worktree / "params.yaml").predict.model  # the model judged
-        training_pipeline(root=str(worktree), baseline=champion_tag)
+        # the worktree is a scratch copy: DVC's "Use `dvc push`" hint does not apply to it
+        training_pipeline(root=str(worktree), baseline=champion_tag, dvc_push_hint=False)
 
         metrics_file, classes_file = (
             eval_path(served, EVAL_METRICS),
@@ -322,18 +501,31 @@ def retrain(root: str = ".", overrides: list[str] | None = None) -> dict[str, An
         challenger_metrics = json.loads((worktree / metrics_file).read_text())
         challenger_classes = json.loads((worktree / classes_file).read_text())
         champion_metrics = champion_classes = None
+        against = champion_tag  # the revision whose committed model the challenger must beat
         if champion_tag:
             champion_metrics = read_at_rev(repo_root, champion_tag, metrics_file)
             champion_classes = read_at_rev(repo_root, champion_tag, classes_file)
+        elif committed := committed_evaluation(
+            repo_root, HEAD_BASELINE, metrics_file, classes_file
+        ):
+            # no champion yet: the model the repository holds is the bar, not nothing
+            champion_metrics, champion_classes = committed
+            against = HEAD_BASELINE
+        logger.info("compared with: %s", against or "nothing yet (no committed metrics)")
         decision = judge(
-            champion_metrics, champion_classes, challenger_metrics, challenger_classes, rules
+            champion_metrics,
+            champion_classes,
+            challenger_metrics,
+            challenger_classes,
+            rules,
+            against=against or "champion",
         )
         tag = f"{TAG_PREFIX}{champion_n + 1}" if decision.promote else None
         commit = None
         if tag:
             message = (
                 f"retrain: promote {tag} (test accuracy {challenger_metrics['accuracy']:.4f}"
-                + (f", champion {champion_tag}" if champion_tag else "")
+                + (f", compared with {against}" if against else "")
                 + ")\n\n"
                 + "\n".join(decision.reasons)
                 + (f"\n\noverrides: {' '.join(overrides)}" if overrides else "")
@@ -343,11 +535,11 @@ def retrain(root: str = ".", overrides: list[str] | None = None) -> dict[str, An
             logger.info("promoted %s (commit %s): %s", tag, commit[:12], why)
         else:
             why = "; ".join(decision.reasons)
-            logger.warning("challenger rejected, champion %s stays: %s", champion_tag, why)
+            logger.warning("challenger rejected, %s stays: %s", against, why)
         create_markdown_artifact(
             key=ARTIFACT_DECISION,
             markdown=decision_markdown(
-                decision, champion_tag, tag, champion_metrics, challenger_metrics, overrides
+                decision, against, tag, champion_metrics, challenger_metrics, overrides
             ),
             description="champion/challenger decision of the retrain flow",
         )
@@ -355,6 +547,7 @@ def retrain(root: str = ".", overrides: list[str] | None = None) -> dict[str, An
             "promoted": decision.promote,
             "tag": tag,
             "champion": champion_tag,
+            "compared_with": against,  # the champion tag, HEAD (no tag yet) or None
             "reasons": decision.reasons,
             "commit": commit,
             "accuracy": challenger_metrics["accuracy"],

@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -146,6 +147,34 @@ def _wait_for_log(flow_run_id: Any, needle: str, timeout_s: float = 20.0) -> str
     raise AssertionError(f"{needle!r} not in the flow run's logs:\n{text[-2000:]}")
 
 
+def _logs_with_subflows(flow_run_id: Any, needle: str, timeout_s: float = 20.0) -> str:
+    """All log text of a flow run and its subflow runs, once it contains ``needle``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+
+    deadline = time.monotonic() + timeout_s
+    text = ""
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])
+            )
+        )
+        ids = [flow_run_id, *(child.id for child in children)]
+        while time.monotonic() < deadline:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))
+            text = "\n".join(log.message for log in logs)
+            if needle in text:
+                return text
+            time.sleep(POLL_S)
+    raise AssertionError(f"{needle!r} not in the flow runs' logs:\n{text[-2000:]}")
+
+
 def _artifact(key: str, flow_run_id: Any) -> Any:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
@@ -230,9 +259,11 @@ def test_failing_download_is_retried_then_fails_the_flow_with_its_message(
 
 
 def _patch_source(path: Path, old: str, new: str) -> None:
+    """Replace the first match of the regex ``old`` (``new`` may use its groups)."""
     text = path.read_text()
-    assert old in text, f"{path} no longer has {old!r}: update this test"
-    path.write_text(text.replace(old, new))
+    patched, count = re.subn(old, new, text, count=1)
+    assert count == 1, f"{path} no longer matches {old!r}: update this test"
+    path.write_text(patched)
 
 
 def test_stage_commands_import_the_code_of_the_repo_being_reproduced(
@@ -244,14 +275,14 @@ def test_stage_commands_import_the_code_of_the_repo_being_reproduced(
     dvc_yaml["stages"] = {"download": dvc_yaml["stages"]["download"]}  # cheap: one stage
     (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
     # harmless edits of this repo's copy of the code the stage command runs
-    _patch_source(
+    _patch_source(  # the log line naming each downloaded file and where it came from
         repo / "tasks/download.py",
-        'log.info("%s <- %s", target, source)',
-        'log.info("%s <- %s [tasks of the reproduced repo]", target, source)',
+        r'log\.info\("%s <- %s", (\w+), (\w+)\)',
+        r'log.info("%s <- %s [tasks of the reproduced repo]", \1, \2)',
     )
     _patch_source(
         repo / "flows/cli.py",
-        'typer.echo(f"downloaded {len(files)} files to {out}")',
+        re.escape('typer.echo(f"downloaded {len(files)} files to {out}")'),
         'typer.echo(f"downloaded {len(files)} files to {out} [flows of the reproduced repo]")',
     )
 
@@ -426,10 +457,38 @@ def test_retrain_promotes_a_better_challenger_and_rejects_a_worse_one(
     prefect_api: None, tiny_env: Path, tmp_path: Path
 ) -> None:
     repo = make_repo(tmp_path / "repo")
+    # no champion tag yet, but a committed model that no 2-epoch challenger can beat
+    # (every test image right): the challenger is judged against HEAD's, not promoted
+    # because there is no tag
+    committed = repo / f"data/evaluate/{SERVED}"
+    committed.mkdir(parents=True)
+    (committed / "metrics.json").write_text(
+        json.dumps({"accuracy": 1.0, "loss": 0.0, "macro_f1": 1.0, "errors": 0})
+    )
+    (committed / "classes.json").write_text(json.dumps(_classes([1.0] * 10)))
+    _run(repo, "git", "add", "data")
+    _run(repo, "git", "commit", "-qm", "a model committed before any retrain")
+    overrides = [f"train.{SERVED}.epochs=2"]
+    state = retrain(root=str(repo), overrides=overrides, return_state=True)
+    at_head = state.result()
+    assert not at_head["promoted"] and at_head["tag"] is None, at_head["reasons"]
+    assert at_head["champion"] is None and at_head["compared_with"] == "HEAD"
+    assert any("vs HEAD 1.0000" in r for r in at_head["reasons"]), at_head["reasons"]
+    assert _tags(repo) == []
+    # the challenger's stage logs (in its scratch worktree) carry no `git add` / `dvc push`
+    # hints: neither applies there
+    logs = _logs_with_subflows(state.state_details.flow_run_id, f"stage report@{SERVED}")
+    assert f"Running stage 'train@{SERVED}'" in logs
+    assert "git add" not in logs and "dvc push" not in logs
+
+    _run(repo, "git", "rm", "-rq", "data/evaluate")
+    _run(repo, "git", "commit", "-qm", "no committed model: the first challenger wins")
     before = _snapshot(repo)
 
-    first = retrain(root=str(repo), overrides=[f"train.{SERVED}.epochs=2"])
+    # (the same challenger as above: DVC's run cache restores its stages)
+    first = retrain(root=str(repo), overrides=overrides)
     assert first["promoted"] and first["tag"] == "model@v1" and first["champion"] is None
+    assert first["accuracy"] == at_head["accuracy"]
 
     better = retrain(root=str(repo), overrides=[f"train.{SERVED}.epochs=4"])
     assert better["promoted"] and better["tag"] == "model@v2", better["reasons"]
@@ -461,6 +520,11 @@ def test_retrain_promotes_a_better_challenger_and_rejects_a_worse_one(
     assert accuracy["new"] == pytest.approx(better["accuracy"])
     params_v1 = yaml.safe_load(_run(repo, "git", "show", "model@v1:params.yaml"))
     assert params_v1["train"][SERVED]["epochs"] == 2
+    # the promoted params.yaml is HEAD's with the overridden line changed, nothing else
+    head_lines = (repo / "params.yaml").read_text().splitlines()
+    v1_lines = _run(repo, "git", "show", "model@v1:params.yaml").splitlines()
+    assert len(v1_lines) == len(head_lines)
+    assert sum(a != b for a, b in zip(head_lines, v1_lines, strict=True)) <= 1
     _run(repo, "git", "checkout", "-q", "model@v1")
     _dvc(repo, "checkout", "-q")
     lock = yaml.safe_load((repo / "dvc.lock").read_text())

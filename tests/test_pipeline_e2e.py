@@ -103,6 +103,33 @@ def test_dvc_repro_end_to_end_then_skip_then_metrics_diff(tiny_mnist: Path, tmp_
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "run 1"], repo, env)
 
+    # a fresh clone pulls the models from a DVC remote instead of retraining (README
+    # "Sharing models": a local-folder remote here)
+    remote = tmp_path / "dvc-remote"
+    run(["dvc", "remote", "add", "-d", "storage", str(remote)], repo, env)
+    run(["git", "commit", "-qam", "DVC remote"], repo, env)
+    run(["dvc", "push"], repo, env)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path, env)
+    run(["dvc", "pull"], clone, env)
+    for name in models:
+        model = f"data/models/{name}/model.pt"
+        assert (clone / model).read_bytes() == (repo / model).read_bytes()
+    assert "up to date" in run(["dvc", "status"], clone, env)  # nothing to retrain
+    # one model at a revision, without a clone (how a champion tag is fetched)
+    got = tmp_path / "got.pt"
+    run(["dvc", "get", str(repo), "data/models/robust/model.pt", "--rev", "HEAD", "-o", str(got)],
+        tmp_path, env)  # fmt: skip
+    assert got.read_bytes() == (repo / "data/models/robust/model.pt").read_bytes()
+    # the models are DVC model artifacts (dvc.yaml `artifacts:`), resolved to those files
+    from dvc.repo import Repo
+
+    with Repo(str(clone)) as dvc_repo:
+        artifacts = dvc_repo.artifacts.read()["dvc.yaml"]
+        assert {n for n, a in artifacts.items() if a.type == "model"} == set(models)
+        for name in models:
+            assert dvc_repo.artifacts.get_path(name) == f"data/models/{name}/model.pt"
+
     # a params change: only the downstream stages rerun, and the change shows in metrics diff
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["seed"]["epochs"] = 2
