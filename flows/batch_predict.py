@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task, unmapped
@@ -24,11 +24,10 @@ from tasks.predict import (
     PredictSummary,
     PredictUsageError,
     Row,
-    check_options,
     chunked,
-    expand_inputs,
-    open_output,
+    plan_inputs,
     predict_chunk,
+    write_predictions,
 )
 
 # Locally, one chunk at a time: a chunk already keeps every core busy (decode threads
@@ -66,15 +65,16 @@ def batch_predict(
     workers: int = 2,
     preprocess: bool = True,
     debug_dir: Path | None = None,
+    progress: bool | None = None,
 ) -> PredictSummary:
-    """Classify every image under ``inputs`` into ``out_path``, chunk by chunk."""
+    """Classify every image under ``inputs`` into ``out_path``, chunk by chunk.
+
+    ``progress``: a bar over the files, moved as the chunks are written (None: on a terminal).
+    """
     log = get_run_logger()
-    check_options(out_path, fmt, batch_size, workers)
     if chunk_size < 1:
         raise PredictUsageError(f"chunk size must be >= 1, got {chunk_size}")
-    paths = expand_inputs(inputs, exclude=[out_path])
-    if not paths:
-        raise PredictUsageError("no input files (the folders are empty or hold only hidden files)")
+    paths = plan_inputs(inputs, Path(out_path), fmt, batch_size, workers, debug_dir)
     # refuse a bad model here, once, rather than in every chunk task
     loaded = load_model(Path(model_path))
     chunks = chunked(paths, chunk_size)
@@ -90,13 +90,15 @@ def batch_predict(
     )
     pending = deque(futures)  # popped once written, so a chunk's rows are freed
     del futures
-    summary = PredictSummary(out_path=Path(out_path))
-    with open_output(Path(out_path), fmt, len(loaded.classes)) as writer:
+
+    def rows_in_order() -> Iterator[Row]:
         while pending:  # in input order, whatever order the chunks finish in
-            for row in pending.popleft().result():
-                writer.write(row)
-                summary.count(row)
-    return summary
+            yield from pending.popleft().result()
+
+    n_classes = len(loaded.classes)
+    return write_predictions(
+        rows_in_order(), out_path, fmt, n_classes, len(paths), progress, "batch-predict"
+    )
 
 
 def check_dask_scheduler(address: str, timeout: float = DASK_CONNECT_TIMEOUT_S) -> None:
@@ -134,6 +136,7 @@ def run_batch_predict(
     preprocess: bool = True,
     debug_dir: Path | None = None,
     dask_address: str | None = None,
+    progress: bool | None = None,
 ) -> PredictSummary:
     """Run the flow on local threads, or on the Dask scheduler at ``dask_address``.
 
@@ -160,6 +163,7 @@ def run_batch_predict(
         workers=workers,
         preprocess=preprocess,
         debug_dir=debug_dir,
+        progress=progress,
     )
     summary.seconds = time.perf_counter() - t0
     return summary

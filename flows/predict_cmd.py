@@ -8,6 +8,10 @@ or error (summary on stderr; ``--allow-failures`` makes it 0), 2 usage errors
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -25,6 +29,7 @@ if TYPE_CHECKING:
 MODEL_FILE = "data/models/{name}/model.pt"
 DEFAULT_PARAMS = Path("params.yaml")
 PROJECT_MARKER = "dvc.yaml"
+DEFAULT_OUT = Path("predictions.csv")  # --out of both commands, in the current folder
 MAX_PROBLEMS_SHOWN = 10  # non-ok rows listed on stderr; the output file has them all
 
 
@@ -42,23 +47,22 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="model file [default: the pipeline's prediction model, "
-        "data/models/<predict.model>/model.pt (robust), in the nearest folder holding "
-        "dvc.yaml from the current one up]",
+        help="model file (default: the pipeline's model that params.yaml predict.model "
+        "names, in the nearest folder holding dvc.yaml from the current one up)",
         show_default=False,
     ),
 ]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="output file, written atomically")]
 FormatOpt = Annotated[
     OutputFormat | None,
-    typer.Option("--format", "-f", help="output format [default: from --out's suffix, else csv]"),
+    typer.Option("--format", "-f", help="output format (default: from --out's suffix, else csv)"),
 ]
 PreprocessOpt = Annotated[
     bool | None,
     typer.Option(
         "--preprocess/--no-preprocess",
         help="MNIST-style preprocessing of photos; --no-preprocess only resizes to 28x28, "
-        "for images that are already MNIST-like [default: params, else on]",
+        "for images that are already MNIST-like (default: params, else on)",
         show_default=False,
     ),
 ]
@@ -67,18 +71,18 @@ DebugOpt = Annotated[
 ]
 BatchOpt = Annotated[
     int | None,
-    typer.Option("--batch-size", min=1, help="images per forward pass [default: params]"),
+    typer.Option("--batch-size", min=1, help="images per forward pass (default: params)"),
 ]
 WorkersOpt = Annotated[
-    int | None, typer.Option("--workers", min=1, help="decoding threads [default: params]")
+    int | None, typer.Option("--workers", min=1, help="decoding threads (default: params)")
 ]
 ParamsOpt = Annotated[
     Path | None,
     typer.Option(
         "--params",
         help="params.yaml whose `predict` section gives the options not set here "
-        "[default: the project's params.yaml (beside the nearest dvc.yaml from the current "
-        "folder up) if present, else built-in defaults]",
+        "(default: the project's params.yaml, beside the nearest dvc.yaml from the current "
+        "folder up, if present; else built-in defaults)",
         show_default=False,
     ),
 ]
@@ -88,13 +92,38 @@ AllowOpt = Annotated[
 ]
 ProgressOpt = Annotated[
     bool | None,
-    typer.Option("--progress/--no-progress", help="progress bar [default: on a terminal]"),
+    typer.Option("--progress/--no-progress", help="progress bar (default: on a terminal)"),
 ]
 
 
 def _usage_error(msg: str) -> typer.Exit:
     typer.echo(f"error: {msg}", err=True)
     return typer.Exit(2)
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM (``kill``, a scheduler's stop) ends the command the way Ctrl-C does.
+
+    Python's default for SIGTERM is to die on the spot, which leaves the output's temp
+    file behind; raising SystemExit instead unwinds the stack, so the temp file is
+    removed, the decode threads are stopped and the previous output stays. Exit code
+    128 + 15, what a shell reports for a process killed by SIGTERM. Signal handlers
+    can only be set from the main thread: elsewhere (a command run in a worker
+    thread) SIGTERM keeps its default.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def unwind(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def project_root(start: Path | None = None) -> Path | None:
@@ -169,7 +198,7 @@ def _report(summary: PredictSummary, allow_failures: bool) -> None:
 def predict(
     paths: PathsArg,
     model: ModelOpt = None,
-    out: OutOpt = Path("predictions.csv"),
+    out: OutOpt = DEFAULT_OUT,
     fmt: FormatOpt = None,
     preprocess: PreprocessOpt = None,
     debug_dir: DebugOpt = None,
@@ -189,17 +218,18 @@ def predict(
 
     try:
         p = _predict_params(params)
-        summary = predict_paths(
-            paths,
-            model_path=_model_path(model, p.model),
-            out_path=out,
-            fmt=_format_for(out, fmt),
-            batch_size=batch_size or p.batch_size,
-            workers=workers or p.workers,
-            preprocess=p.preprocess if preprocess is None else preprocess,
-            debug_dir=debug_dir,
-            progress=progress,
-        )
+        with _sigterm_unwinds():
+            summary = predict_paths(
+                paths,
+                model_path=_model_path(model, p.model),
+                out_path=out,
+                fmt=_format_for(out, fmt),
+                batch_size=batch_size or p.batch_size,
+                workers=workers or p.workers,
+                preprocess=p.preprocess if preprocess is None else preprocess,
+                debug_dir=debug_dir,
+                progress=progress,
+            )
     except (ParamsError, PredictUsageError, ModelFileError) as exc:
         raise _usage_error(str(exc)) from exc
     _report(summary, allow_failures)
@@ -208,7 +238,7 @@ def predict(
 def batch_predict(
     paths: PathsArg,
     model: ModelOpt = None,
-    out: OutOpt = Path("predictions.csv"),
+    out: OutOpt = DEFAULT_OUT,
     fmt: FormatOpt = None,
     preprocess: PreprocessOpt = None,
     debug_dir: DebugOpt = None,
@@ -216,18 +246,19 @@ def batch_predict(
     workers: WorkersOpt = None,
     chunk_size: Annotated[
         int | None,
-        typer.Option("--chunk-size", min=1, help="files per Prefect task [default: params]"),
+        typer.Option("--chunk-size", min=1, help="files per Prefect task (default: params)"),
     ] = None,
     dask_address: Annotated[
         str | None,
         typer.Option(
             "--dask-address",
-            help="run the chunks on this Dask scheduler (tcp://host:8786); "
-            "the workers must see the same paths [default: local threads]",
+            help="run the chunks on this Dask scheduler, e.g. tcp://host:8786, whose "
+            "workers see the same paths (default: local threads)",
         ),
     ] = None,
     params: ParamsOpt = None,
     allow_failures: AllowOpt = False,
+    progress: ProgressOpt = None,
 ) -> None:
     """Classify images as a Prefect flow: chunks of files mapped over a task runner.
 
@@ -245,18 +276,20 @@ def batch_predict(
     from flows.batch_predict import run_batch_predict
 
     try:
-        summary = run_batch_predict(
-            paths,
-            model_path=_model_path(model, p.model),
-            out_path=out,
-            fmt=_format_for(out, fmt),
-            chunk_size=chunk_size or p.chunk_size,
-            batch_size=batch_size or p.batch_size,
-            workers=workers or p.workers,
-            preprocess=p.preprocess if preprocess is None else preprocess,
-            debug_dir=debug_dir,
-            dask_address=dask_address,
-        )
+        with _sigterm_unwinds():
+            summary = run_batch_predict(
+                paths,
+                model_path=_model_path(model, p.model),
+                out_path=out,
+                fmt=_format_for(out, fmt),
+                chunk_size=chunk_size or p.chunk_size,
+                batch_size=batch_size or p.batch_size,
+                workers=workers or p.workers,
+                preprocess=p.preprocess if preprocess is None else preprocess,
+                debug_dir=debug_dir,
+                dask_address=dask_address,
+                progress=progress,
+            )
     except (PredictUsageError, ModelFileError) as exc:
         raise _usage_error(str(exc)) from exc
     _report(summary, allow_failures)

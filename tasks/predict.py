@@ -17,7 +17,7 @@ import heapq
 import json
 import os
 import re
-import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -31,6 +31,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from tasks.io import atomic_open
 from tasks.model import load_model, normalize_uint8
@@ -55,6 +56,10 @@ IN_FLIGHT_PER_WORKER = 2  # chunks queued per decode thread: keeps them busy, bo
 HELD_ROWS_PER_IMAGE = 4  # rows held back for a batch: at most 4 x batch_size (bounded memory)
 PROBLEMS_KEPT = 10  # non-ok rows a summary keeps for the log (the output file has them all)
 OUTPUT_ERRORS = "surrogateescape"  # undecodable file-name bytes are written back as they were
+# json.dumps escapes every control character below 0x20, but with ensure_ascii=False it
+# leaves NEL, LINE SEPARATOR and PARAGRAPH SEPARATOR raw, and str.splitlines() breaks a
+# record there: escaped too, so one record is one line for any reader.
+JSON_LINE_BREAKS = str.maketrans({c: f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"})
 
 
 class PredictUsageError(ValueError):
@@ -110,44 +115,54 @@ def _walk(top: str) -> Iterator[str]:
     folders are followed, after the real folders (so files are listed under their
     real path first), each folder once: a symlink to a folder already searched (a
     cycle, or a second way to the same folder) is yielded itself and gets an error
-    row saying so. Nothing found is dropped silently.
+    row saying so. A folder that cannot be listed is yielded too (its row says why).
+    Nothing found is dropped silently.
+
+    Iterative, with a stack of folders, rather than os.walk: os.walk recurses once per
+    level in Python 3.11, so a tree 1,000 folders deep ended in a RecursionError.
     """
     visited: set[tuple[int, int]] = set()  # (st_dev, st_ino) of the folders searched
     links: list[str] = []  # symlinked folders still to follow (a heap: sorted order)
-    unreadable: list[str] = []  # folders os.walk cannot list: their row says so
+    unreadable: list[str] = []  # folders that cannot be listed: their row says so
 
     def walk_real(start: str) -> Iterator[str]:
-        # followlinks=False: symlinked folders are collected, then followed from here
-        for root, dirs, files in os.walk(start, onerror=lambda e: unreadable.append(e.filename)):
+        stack = [start]  # folders still to list; symlinked ones go to ``links`` instead
+        while stack:
+            root = stack.pop()
             try:
                 st = os.stat(root)
             except OSError:
                 st = None
             if st is not None:
                 if (st.st_dev, st.st_ino) in visited:  # reached again through a symlink
-                    dirs[:] = []
                     yield root
                     continue
                 visited.add((st.st_dev, st.st_ino))
-            keep = []
-            for d in dirs:
-                path = os.path.join(root, d)
-                if d.startswith("."):
+            try:
+                with os.scandir(root) as it:
+                    entries = list(it)
+            except OSError:
+                unreadable.append(root)
+                continue
+            for entry in entries:
+                if entry.name.startswith("."):
                     continue
-                if _is_image_named_dir(d):
-                    yield path  # becomes an error row: "is a folder"
-                elif os.path.islink(path):
-                    heapq.heappush(links, path)
+                try:
+                    is_dir = entry.is_dir()  # follows symlinks, like os.walk
+                except OSError:  # its row says what is wrong with it
+                    is_dir = False
+                if not is_dir:
+                    yield entry.path
+                elif _is_image_named_dir(entry.name):
+                    yield entry.path  # becomes an error row: "is a folder"
+                elif entry.is_symlink():
+                    heapq.heappush(links, entry.path)
                 else:
-                    keep.append(d)
-            dirs[:] = keep
-            for f in files:
-                if not f.startswith("."):
-                    yield os.path.join(root, f)
+                    stack.append(entry.path)
 
     yield from walk_real(top)
     while links:
-        yield from walk_real(heapq.heappop(links))  # os.walk follows its own top
+        yield from walk_real(heapq.heappop(links))  # the walk follows its own top
     yield from unreadable
 
 
@@ -378,8 +393,13 @@ class RowWriter:
             raise PredictUsageError(f"unknown output format {fmt!r} (use one of {FORMATS})")
         self.fh, self.fmt, self.n_classes = fh, fmt, n_classes
         self.columns = columns(n_classes)
-        self._csv = csv.writer(fh, lineterminator="\n") if fmt == "csv" else None
-        if self._csv is not None:
+        self._csv = self._csv_quoted = None
+        if fmt == "csv":
+            self._csv = csv.writer(fh, lineterminator="\n")
+            # QUOTE_MINIMAL quotes a field holding the delimiter, a quote or a character of
+            # the line terminator ("\n"), but not a lone "\r" (Python 3.11), which a reader
+            # takes for the end of the row: rows holding one are written fully quoted.
+            self._csv_quoted = csv.writer(fh, lineterminator="\n", quoting=csv.QUOTE_ALL)
             self._csv.writerow(self.columns)
 
     def write(self, row: Row) -> None:
@@ -388,14 +408,17 @@ class RowWriter:
         if self._csv is not None:
             probs = [f"{p:.{PROB_DECIMALS}f}" for p in row.probs] if ok else [""] * self.n_classes
             conf_s = f"{conf:.{PROB_DECIMALS}f}" if conf is not None else ""
-            self._csv.writerow([row.path, row.label or "", conf_s, *probs, row.status, row.message])
+            fields = [row.path, row.label or "", conf_s, *probs, row.status, row.message]
+            quoted = any("\r" in f for f in (row.path, row.label or "", row.message))
+            (self._csv_quoted if quoted else self._csv).writerow(fields)
         else:
             record: dict[str, Any] = {
                 "path": row.path, "label": _label_json(row.label), "confidence": conf,
             }  # fmt: skip
             record.update({f"p{i}": (row.probs[i] if ok else None) for i in range(self.n_classes)})
             record.update(status=row.status, message=row.message)
-            self.fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            line = json.dumps(record, ensure_ascii=False).translate(JSON_LINE_BREAKS)
+            self.fh.write(line + "\n")
 
 
 @contextlib.contextmanager
@@ -411,18 +434,44 @@ def open_output(out_path: Path, fmt: str, n_classes: int = N_CLASSES) -> Iterato
         yield RowWriter(fh, fmt, n_classes)
 
 
-def _progress_bar(total: int, enabled: bool | None) -> Any:
-    """A tqdm bar on a terminal (stderr), nothing otherwise: logs stay clean in DVC/CI."""
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        return None
-    from tqdm import tqdm
+def progress_bar(total: int, enabled: bool | None, desc: str) -> tqdm:
+    """A bar over ``total`` images on stderr; ``enabled=None``: only on a terminal.
 
-    return tqdm(total=total, unit="img", desc="predict", dynamic_ncols=True, leave=False)
+    tqdm's ``disable=None`` switches itself off when stderr is not a TTY, so logs stay
+    clean in DVC and CI.
+    """
+    disable = None if enabled is None else not enabled
+    return tqdm(
+        total=total, unit="img", desc=desc, dynamic_ncols=True, leave=False, disable=disable
+    )
 
 
-def check_options(out_path: Path, fmt: str, batch_size: int, workers: int) -> None:
+def _check_folder_writable(folder: Path, what: str) -> None:
+    """PredictUsageError naming ``what`` unless files can be created in ``folder``.
+
+    A missing ``folder`` is made later: its nearest existing ancestor must be a folder
+    that can be written.
+
+    That folder is tried with a real temp file, created and removed: permission bits
+    tell nothing for root, nor for read-only mounts.
+    """
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PredictUsageError(f"{what}: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".digitflow-probe.", suffix=".tmp")
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise PredictUsageError(f"{what}: cannot write in {existing} ({reason})") from exc
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_options(
+    out_path: Path, fmt: str, batch_size: int, workers: int, debug_dir: Path | None = None
+) -> None:
     """Raise PredictUsageError for options that cannot work, before any work is done."""
     if fmt not in FORMATS:
         raise PredictUsageError(f"unknown output format {fmt!r} (use one of {FORMATS})")
@@ -430,11 +479,62 @@ def check_options(out_path: Path, fmt: str, batch_size: int, workers: int) -> No
         raise PredictUsageError(f"batch size must be >= 1, got {batch_size}")
     if workers < 1:
         raise PredictUsageError(f"workers must be >= 1, got {workers}")
-    if Path(out_path).is_dir():
+    out_path = Path(out_path)
+    if out_path.is_dir():
         raise PredictUsageError(f"output path {out_path} is a folder")
+    _check_folder_writable(out_path.absolute().parent, f"output path {out_path}")
+    if debug_dir is not None:
+        _check_folder_writable(Path(debug_dir).absolute(), f"debug folder {debug_dir}")
 
 
 # --------------------------------------------------------------------------- entry points
+
+
+def plan_inputs(
+    inputs: Iterable[Path | str],
+    out_path: Path,
+    fmt: str,
+    batch_size: int,
+    workers: int,
+    debug_dir: Path | None = None,
+) -> list[str]:
+    """Check the options, then expand ``inputs``: the sorted files to classify.
+
+    The first step of `digitflow predict` and of the batch_predict flow. Raises
+    PredictUsageError for options that cannot work and when there is nothing to do.
+    """
+    check_options(out_path, fmt, batch_size, workers, debug_dir)
+    paths = expand_inputs(inputs, exclude=[out_path])
+    if not paths:
+        raise PredictUsageError("no input files (the folders are empty or hold only hidden files)")
+    return paths
+
+
+def write_predictions(
+    rows: Iterable[Row],
+    out_path: Path,
+    fmt: str,
+    n_classes: int,
+    total: int,
+    progress: bool | None = None,
+    desc: str = "predict",
+) -> PredictSummary:
+    """Write ``rows`` (``total`` of them, in order) to ``out_path`` atomically; count them.
+
+    The last step of `digitflow predict` and of the batch_predict flow: the same
+    bytes whoever computed the rows. ``progress``: a bar over the rows (None: on a
+    terminal).
+    """
+    summary = PredictSummary(out_path=Path(out_path))
+    with (
+        progress_bar(total, progress, desc) as bar,
+        open_output(Path(out_path), fmt, n_classes) as writer,
+    ):
+        for row in rows:
+            writer.write(row)
+            summary.count(row)
+            bar.update(1)
+    return summary
 
 
 def predict_paths(
@@ -455,28 +555,16 @@ def predict_paths(
     a row with status "error" or "empty" and a message.
     """
     t0 = time.perf_counter()
-    out_path = Path(out_path)
-    check_options(out_path, fmt, batch_size, workers)
-    paths = expand_inputs(inputs, exclude=[out_path])
-    if not paths:
-        raise PredictUsageError("no input files (the folders are empty or hold only hidden files)")
+    paths = plan_inputs(inputs, Path(out_path), fmt, batch_size, workers, debug_dir)
     classifier = Classifier.from_file(model_path)  # ModelFileError: refused, nothing run
-    if debug_dir is not None:
-        Path(debug_dir).mkdir(parents=True, exist_ok=True)
-    summary = PredictSummary(out_path=out_path)
-    bar = _progress_bar(len(paths), progress)
-    try:
-        with _compute_threads(), open_output(out_path, fmt, len(classifier.classes)) as writer:
-            debug = None if debug_dir is None else Path(debug_dir)
-            rows = iter_predictions(paths, classifier, batch_size, workers, preprocess, debug)
-            for row in rows:
-                writer.write(row)
-                summary.count(row)
-                if bar is not None:
-                    bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+    debug = None if debug_dir is None else Path(debug_dir)
+    if debug is not None:
+        debug.mkdir(parents=True, exist_ok=True)
+    with _compute_threads():
+        rows = iter_predictions(paths, classifier, batch_size, workers, preprocess, debug)
+        summary = write_predictions(
+            rows, out_path, fmt, len(classifier.classes), len(paths), progress, "predict"
+        )
     summary.seconds = time.perf_counter() - t0
     return summary
 

@@ -24,19 +24,24 @@ Sun raster, Radiance HDR, JPEG 2000, AVIF); an image whose decoding would take
 more than ``MAX_PIXELS`` pixels or ``MAX_DECODE_BYTES`` bytes is refused, except
 JPEGs, which are decoded downscaled (libjpeg DCT scaling, cv2.IMREAD_REDUCED_*).
 OpenCV's own limit (OPENCV_IO_MAX_IMAGE_PIXELS, set below) backs this up for
-files whose header cannot be read here.
+files whose header cannot be read here. A JPEG that libjpeg reports as corrupt
+("Corrupt JPEG data", "Premature end of JPEG file") is an error, not an image with
+the missing part made up (``_imdecode_jpeg``).
 
 Every function here is pure numpy/cv2 and safe to call from several threads.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import os
+import platform
 import re
 import stat
 import struct
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -530,6 +535,80 @@ def _jpeg_complete(data: bytes) -> bool:
     return sos >= 0 and data.find(b"\xff\xd9", sos) >= 0
 
 
+# libjpeg's warnings for corrupt data (it decodes on, filling what is missing with grey):
+# "Corrupt JPEG data: premature end of data segment", "... bad Huffman code", "... N
+# extraneous bytes before marker", "Premature end of JPEG file". Other warnings (an
+# unknown JFIF revision) describe files that decode correctly.
+JPEG_CORRUPT_PREFIXES = ("Corrupt JPEG data", "Premature end of JPEG file")
+JPEG_SIGNATURE = b"\xff\xd8"
+LIBJPEG_MESSAGE_MAX = 4096  # bytes of captured C stderr read back: libjpeg's line is < 200
+_C_STDERR_LOCK = threading.Lock()  # one capture at a time: C's stderr is process-wide
+
+
+@dataclass(frozen=True)
+class _CStderr:
+    """glibc's ``stderr`` variable and a private, never-closed FILE to point it at."""
+
+    variable: ctypes.c_void_p  # the FILE* every fprintf(stderr, ...) in the process uses
+    capture: int  # FILE* of an anonymous temp file (tmpfile()), unbuffered
+    fd: int  # its file descriptor, read with os.pread
+
+
+@functools.cache
+def _c_stderr() -> _CStderr | None:
+    """The C stderr swap for ``_imdecode_jpeg``; None where it cannot be done (not glibc)."""
+    if platform.libc_ver()[0] != "glibc":  # musl's stderr is a const pointer
+        return None
+    libc = ctypes.CDLL(None)
+    try:
+        variable = ctypes.c_void_p.in_dll(libc, "stderr")
+    except ValueError:
+        return None
+    libc.tmpfile.restype = ctypes.c_void_p
+    libc.fileno.argtypes = [ctypes.c_void_p]
+    libc.setvbuf.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_size_t]
+    capture = libc.tmpfile()
+    if not capture:
+        return None
+    libc.setvbuf(capture, None, 2, 0)  # _IONBF: every write lands in the file at once
+    return _CStderr(variable, capture, libc.fileno(capture))
+
+
+def _imdecode_jpeg(data: bytes, flags: int) -> tuple[np.ndarray | None, str]:
+    """cv2.imdecode of a JPEG, and libjpeg's corrupt-data warning ("" when none).
+
+    Neither OpenCV nor Pillow reports libjpeg's warnings: Pillow drops them, OpenCV
+    leaves them to libjpeg's default, a line on C's stderr, and returns the image with
+    the missing part grey (a JPEG cut at 40% with an end marker appended gets a
+    confident label). That line is the only report there is, so C's stderr is pointed
+    at a temp file during the decode and read back. Only C code's stderr: Python's
+    sys.stderr (progress bars, logs) writes to fd 2 and is not affected. Any other
+    text caught meanwhile (another library's warning in another thread) is passed on
+    to fd 2. Where the swap cannot be done, decoding is as before, without the check.
+    """
+    buffer = np.frombuffer(data, np.uint8)
+    with _C_STDERR_LOCK:
+        c = _c_stderr()  # made once, under the lock
+    if c is None:
+        return cv2.imdecode(buffer, flags), ""
+    with _C_STDERR_LOCK:
+        os.ftruncate(c.fd, 0)  # unbuffered, and written only through this FILE: offset ...
+        os.lseek(c.fd, 0, os.SEEK_SET)  # ... back to 0 with it
+        previous = c.variable.value
+        c.variable.value = c.capture
+        try:
+            img = cv2.imdecode(buffer, flags)
+        finally:
+            c.variable.value = previous
+        text = os.pread(c.fd, LIBJPEG_MESSAGE_MAX, 0).decode("utf-8", "replace")
+    corrupt, others = [], []
+    for line in text.splitlines(keepends=True):
+        (corrupt if line.startswith(JPEG_CORRUPT_PREFIXES) else others).append(line)
+    if others:
+        os.write(2, "".join(others).encode())
+    return img, corrupt[0].strip() if corrupt else ""
+
+
 def _to_u8(img: np.ndarray, colour: bool = False) -> np.ndarray:
     """Any decoded array (H, W) / (H, W, 2|3|4), uint8/16 or float -> uint8 (H, W) or (H, W, 3).
 
@@ -687,14 +766,20 @@ def load_image(
                 f"decode; limits {_mp(max_pixels)}, {_mb(max_bytes)}); downscale it or "
                 "save it as JPEG"
             )
+    corrupt = ""
     try:
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        if data.startswith(JPEG_SIGNATURE):
+            img, corrupt = _imdecode_jpeg(data, flags)
+        else:
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     except cv2.error as exc:
         message = _opencv_limit_message(exc)
         if message is not None:
             raise ImageError(message) from exc
         raise ImageError(f"cannot decode: {str(exc).strip().splitlines()[-1]}") from exc
     del data
+    if corrupt:  # decoded, with the damaged part made up: no prediction from it
+        raise ImageError(corrupt)
     if img is None:
         kind = f"corrupt or truncated {header.format.upper()}" if header else "not an image"
         raise ImageError(f"{kind} (OpenCV cannot decode it)")

@@ -131,3 +131,20 @@ def test_batch_predict_command_exit_codes(
     assert runner.invoke(app, [*args, "--allow-failures"]).exit_code == 0
     bad_model = runner.invoke(app, [str(inbox), "--model", str(tmp_path / "no.pt")])
     assert bad_model.exit_code == 2 and "model file not found" in bad_model.output
+
+
+def test_batch_predict_progress_bar(
+    prefect_api: None, inbox: Path, model_file: Path, tmp_path: Path
+) -> None:
+    """A bar over the 8 files with --progress; none by default when stderr is not a terminal."""
+    app = typer.Typer()
+    app.command()(predict_cmd.batch_predict)
+    runner = CliRunner()
+    args = [str(inbox), "--model", str(model_file), "--out", str(tmp_path / "o.csv")]
+    args += ["--chunk-size", str(CHUNK), "--allow-failures"]
+    shown = runner.invoke(app, [*args, "--progress"])
+    assert shown.exit_code == 0, shown.output
+    assert "batch-predict:" in shown.output and "/8 [" in shown.output
+    quiet = runner.invoke(app, args)
+    assert quiet.exit_code == 0, quiet.output
+    assert "batch-predict:" not in quiet.output and "/8 [" not in quiet.output
