@@ -82,6 +82,8 @@ SUGGEST_MAX = 3  # keys offered in one "did you mean"
 YAML_STYLES = ((2, 4, 2), (2, 2, 0), (4, 4, 2), (4, 4, 0), (4, 6, 4))
 # Line width for ruamel: wide enough that it never folds a long value (a mirror URL) anew.
 YAML_WIDTH = 4096
+# params.yaml as committed at HEAD: what `git show` reads and what errors name
+HEAD_PARAMS = "HEAD:params.yaml"
 
 
 class RetrainError(RuntimeError):
@@ -305,17 +307,13 @@ def validate_overrides(root: Path, overrides: list[str]) -> None:
     Syntax and the promotion rules (RetrainError), then each key against params.yaml as
     committed at HEAD (the challenger's), then the overridden values (ParamsError).
     """
-    import yaml
-
-    from tasks.config import load_params
+    from tasks.config import load_params, read_params_yaml
 
     check_overrides(overrides)
     if not overrides:
         return
-    text = _git(root, "show", "HEAD:params.yaml").stdout
-    data = yaml.safe_load(text)
-    if not isinstance(data, Mapping):
-        raise ParamsError("HEAD:params.yaml: top level must be a mapping of stage sections")
+    text = _git(root, "show", HEAD_PARAMS).stdout
+    data = read_params_yaml(text, HEAD_PARAMS)
     check_override_keys(overrides, data)
     with tempfile.TemporaryDirectory(prefix="digitflow-overrides-") as tmp:
         path = Path(tmp) / "params.yaml"
@@ -331,15 +329,9 @@ def validate_overrides(root: Path, overrides: list[str]) -> None:
 
 def committed_rules(root: Path) -> RetrainParams:
     """The promotion rules of params.yaml as committed at HEAD (no override applies)."""
-    import yaml
+    from tasks.config import parse_params_yaml
 
-    from tasks.config import ParamsError, parse_params
-
-    text = _git(root, "show", "HEAD:params.yaml").stdout
-    data = yaml.safe_load(text)
-    if data is not None and not isinstance(data, dict):
-        raise ParamsError("HEAD:params.yaml: top level must be a mapping of stage sections")
-    return parse_params(data).retrain
+    return parse_params_yaml(_git(root, "show", HEAD_PARAMS).stdout, HEAD_PARAMS).retrain
 
 
 def _lock_reason() -> str:

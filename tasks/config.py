@@ -1,232 +1,261 @@
-"""Typed view of params.yaml: one frozen dataclass per stage section.
+"""Typed view of params.yaml: one frozen pydantic dataclass per stage section.
 
 params.yaml is read once, at an entry point (CLI command, flow), and the typed
 sections are passed to the steps as plain arguments. Unknown keys and
-out-of-range values fail here, before any work, naming the offending key.
+out-of-range values fail here, before any work, in one line naming the key.
+
+params.yaml documents every key (what it does, its unit, the seed report's value);
+this module holds only the types and the ranges. The defaults below are the seed
+report's values, i.e. params.yaml's ``train.seed`` recipe and sections
+(tests/test_config.py checks they stay equal); they fill keys a partial params file
+leaves out and serve code that builds a section directly (tests, benchmarks).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
+import functools
+import re
+import reprlib
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass
+from pydantic_core import PydanticCustomError
+from yaml.composer import ComposerError
+from yaml.constructor import ConstructorError
+
+# The project's params.yaml is ~8 KB; 8x that leaves room for many more recipes, and refusing
+# larger files before parsing bounds the pure-Python parse (~1 s for 64 KiB of keys on 2 cores).
+MAX_PARAMS_BYTES = 64 * 1024
+# params.yaml nests four levels (train -> recipe -> augment -> key); deeper documents are not
+# params files, and PyYAML's composer recurses once per level (a RecursionError otherwise).
+MAX_YAML_DEPTH = 16
+# An error is one line on a terminal: quoted values and the whole line are cut to these.
+MAX_QUOTED = 60
+MAX_ERROR_LINE = 300
+
+# Upper bounds: values past them are typos, and would fail deep inside a stage with a traceback
+# (or run for days) instead of here. MNIST has 60,000 training images: a larger batch holds
+# no more of them (and a predict batch is held in memory as float32: 60,000 x 784 x 4 B = 188 MB).
+MAX_BATCH = 60_000
+MAX_EPOCHS = 1000  # the longest preset trains 20: 50x that is an extra zero or two, a typo
+# Seeds seed numpy's default_rng (non-negative only) and torch; train derives per-epoch torch
+# seeds as seed * 1_000_003 + epoch, which must stay below torch's 2**64. 32 bits (numpy's
+# legacy seed size, which train also seeds) keep every use in range.
+SEED_LIMIT = 2**32
+# Retries back off exponentially (the delay doubles): 20 attempts already wait 2**19 x the first
+# delay (6 days at 1 s); around a thousand, the delay overflows a float (a traceback).
+MAX_RETRIES = 20
+# Delays and socket timeouts beyond an hour are typos; huge ones overflow socket.settimeout.
+MAX_SECONDS = 3600.0
+MAX_WORKERS = 256  # decoding threads: beyond any machine's cores they only add memory
+MAX_GRID = 1000  # misclassified digits in a 9-wide grid: 112 rows, a figure ~150 inches tall
+
+# extra="forbid": a misspelt key would otherwise keep its default without a word;
+# allow_inf_nan=False: inf passes every "> 0" and nan every comparison, to fail in a stage.
+# Scalars are Strict* types (no "5" -> 5, no true -> 1): YAML already typed them.
+_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ParamsError(ValueError):
     """params.yaml has an unknown key, a missing section or an invalid value."""
 
 
-def _check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ParamsError(f"params: {key}: {msg}")
+def _quote(value: Any) -> str:
+    """repr() cut to a few dozen characters, without walking a huge value (reprlib stops early)."""
+    short = reprlib.Repr()  # Python 3.11's Repr takes no keyword arguments yet
+    short.maxlevel = 2
+    short.maxstring = short.maxother = short.maxlong = MAX_QUOTED
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 4
+    return short.repr(value)
 
 
-@dataclass(frozen=True)
+def _one_line(text: str) -> str:
+    """Newlines folded and the length capped, so an error stays one readable line."""
+    line = " ".join(text.splitlines())
+    return line if len(line) <= MAX_ERROR_LINE else line[: MAX_ERROR_LINE - 3] + "..."
+
+
+def _params_error(field_path: str, detail: str) -> PydanticCustomError:
+    """A cross-field check's error; ``field_path``, dotted, below the failing section."""
+    # the message travels in the context: a "{...}" in a user's recipe name stays literal
+    return PydanticCustomError("params", "{detail}", {"field": field_path, "detail": detail})
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+
+
+def _check_device(value: str) -> str:
+    # a bad string would reach torch.device() in train and fail there with a traceback
+    if not _DEVICE.fullmatch(value):
+        raise _params_error("", "must be auto, cpu, mps, cuda or cuda:N")
+    return value
+
+
+Device = Annotated[StrictStr, AfterValidator(_check_device)]
+Seed = Annotated[StrictInt, Field(ge=0, lt=SEED_LIMIT)]
+Batch = Annotated[StrictInt, Field(ge=1, le=MAX_BATCH)]
+Seconds = Annotated[StrictFloat, Field(ge=0, le=MAX_SECONDS)]
+Share = Annotated[StrictFloat, Field(ge=0, le=1)]  # a probability or a share of a batch
+Name = StrictStr
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class DownloadParams:
-    # Tried in order after $MNIST_MIRROR; the two mirrors torchvision uses.
-    mirrors: list[str] = field(
+    """params.yaml ``download``."""
+
+    mirrors: list[StrictStr] = field(
         default_factory=lambda: [
             "https://ossci-datasets.s3.amazonaws.com/mnist/",
             "http://yann.lecun.com/exdb/mnist/",
         ]
     )
-    retries: int = 3  # attempts per file and source on transient HTTP errors
-    backoff_s: float = 1.0  # first retry delay; doubles on each further attempt
-    timeout_s: float = 30.0  # socket timeout of one request
-
-    def validate(self, p: str) -> None:
-        _check(self.retries >= 1, f"{p}.retries", f"must be >= 1, got {self.retries}")
-        _check(self.backoff_s >= 0, f"{p}.backoff_s", f"must be >= 0, got {self.backoff_s}")
-        _check(self.timeout_s > 0, f"{p}.timeout_s", f"must be > 0, got {self.timeout_s}")
+    retries: Annotated[StrictInt, Field(ge=1, le=MAX_RETRIES)] = 3
+    backoff_s: Seconds = 1.0
+    timeout_s: Annotated[StrictFloat, Field(gt=0, le=MAX_SECONDS)] = 30.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class SplitParams:
-    val_fraction: float = 0.3  # the seed report's 70/30 train/validation split
-    seed: int = 42
+    """params.yaml ``split``."""
 
-    def validate(self, p: str) -> None:
-        _check(
-            0.0 < self.val_fraction < 1.0,
-            f"{p}.val_fraction",
-            f"must be in (0, 1), got {self.val_fraction}",
-        )
+    # both ends excluded: an empty training or validation split has nothing to learn or score
+    val_fraction: Annotated[StrictFloat, Field(gt=0, lt=1)] = 0.3
+    seed: Seed = 42
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class NormalizeParams:
-    # x = (pixel / 255 - mean) / std. The seed used plain [0, 1] pixels.
-    mean: float = 0.0
-    std: float = 1.0
+    """``train.<recipe>.normalize``: x = (pixel / 255 - mean) / std."""
 
-    def validate(self, p: str) -> None:
-        _check(self.std > 0, f"{p}.std", f"must be > 0, got {self.std}")
+    mean: StrictFloat = 0.0
+    std: Annotated[StrictFloat, Field(gt=0)] = 1.0  # the divisor
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class AugmentParams:
-    # Per-sample random augmentation of each training batch, on the training device.
-    # All zero (the seed recipe) switches augmentation off. The geometric ones model where
-    # and how a hand puts a digit; stroke, blur and contrast model the pens and cameras
-    # that real photos come from (MNIST's strokes are all one pen, ~2-3 px at 28x28).
-    rotate_deg: float = 0.0  # rotation drawn uniformly from [-rotate_deg, +rotate_deg] degrees
-    scale: float = 0.0  # zoom factor drawn from [1 - scale, 1 + scale]
-    translate: float = 0.0  # shift per axis, fraction of the image side, in [-t, +t]
-    shear_deg: float = 0.0  # horizontal shear (slant) drawn from [-shear_deg, +shear_deg]
-    elastic_px: float = 0.0  # max displacement of a smooth random warp, in pixels
-    stroke: float = 0.0  # stroke width change: thin (erode) .. thicken (dilate) by up to this
-    blur: float = 0.0  # blend towards a Gaussian-blurred copy by up to this share
-    contrast: float = 0.0  # ink intensity scaled by a factor drawn from [1 - contrast, 1]
-    # share of each batch that is augmented; the rest stays as MNIST drew it, so a short
-    # training run learns the clean digits (the test set) as well as the varied ones
-    share: float = 1.0
+    """``train.<recipe>.augment``: all transforms 0 (the seed recipe) switches it off."""
+
+    rotate_deg: Annotated[StrictFloat, Field(ge=0, le=180)] = 0.0  # +-180 covers every angle
+    scale: Annotated[StrictFloat, Field(ge=0, lt=1)] = 0.0  # zoom 1 - scale must stay > 0
+    translate: Annotated[StrictFloat, Field(ge=0, le=0.5)] = 0.0  # half a side: digit at the edge
+    shear_deg: Annotated[StrictFloat, Field(ge=0, lt=90)] = 0.0  # tan(90 deg) is infinite
+    # the warp is drawn on a coarse grid of a 28-pixel image: more than 8 px tears the digit
+    elastic_px: Annotated[StrictFloat, Field(ge=0, le=8)] = 0.0
+    stroke: Share = 0.0
+    blur: Share = 0.0
+    contrast: Share = 0.0
+    share: Share = 1.0
 
     @property
     def enabled(self) -> bool:
+        """Whether any sample of a batch is augmented at all."""
         transforms = dataclasses.astuple(dataclasses.replace(self, share=0.0))
         return self.share > 0 and any(v > 0 for v in transforms)
 
     @property
     def geometric(self) -> bool:
+        """Whether a geometric warp (affine or elastic) is on."""
         return (
             self.rotate_deg > 0 or self.scale > 0 or self.translate > 0
             or self.shear_deg > 0 or self.elastic_px > 0
         )  # fmt: skip
 
-    def validate(self, p: str) -> None:
-        _check(
-            0 <= self.rotate_deg <= 180,
-            f"{p}.rotate_deg",
-            f"must be in [0, 180], got {self.rotate_deg}",
-        )
-        _check(0 <= self.scale < 1, f"{p}.scale", f"must be in [0, 1), got {self.scale}")
-        _check(
-            0 <= self.translate <= 0.5,
-            f"{p}.translate",
-            f"must be in [0, 0.5], got {self.translate}",
-        )
-        _check(
-            0 <= self.shear_deg < 90, f"{p}.shear_deg", f"must be in [0, 90), got {self.shear_deg}"
-        )
-        _check(
-            0 <= self.elastic_px <= 8,
-            f"{p}.elastic_px",
-            f"must be in [0, 8] pixels, got {self.elastic_px}",
-        )
-        for name in ("stroke", "blur", "contrast", "share"):
-            value = getattr(self, name)
-            _check(0 <= value <= 1, f"{p}.{name}", f"must be in [0, 1], got {value}")
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class TrainParams:
+    """One training recipe: params.yaml ``train.<recipe>``."""
+
     model: Literal["seed", "improved"] = "seed"
-    epochs: int = 5
-    batch_size: int = 64
-    lr: float = 1e-3  # Adam learning rate; the peak rate under the onecycle schedule
-    seed: int = 42
-    # initial weights: glorot (Glorot/Xavier-uniform weights, zero biases) | torch (PyTorch's
-    # layer defaults, which shrink the signal through the seed's six ReLU layers: slower start)
+    epochs: Annotated[StrictInt, Field(ge=1, le=MAX_EPOCHS)] = 5
+    batch_size: Batch = 64
+    lr: Annotated[StrictFloat, Field(gt=0)] = 1e-3
+    seed: Seed = 42
     init: Literal["glorot", "torch"] = "glorot"
-    # the weights the model file keeps: best (the epoch with the highest validation accuracy:
-    # what the validation split is for) | last (the final epoch)
     keep: Literal["best", "last"] = "best"
     normalize: NormalizeParams = field(default_factory=NormalizeParams)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # improved model only (the seed CNN has neither): BatchNorm after each conv / hidden layer
-    batchnorm: bool = False
-    dropout: float = 0.0  # improved model only: dropout before each linear layer
-    width: int = 32  # improved model only: channels of its first block (then 2x, 4x)
+    device: Device = "auto"
+    batchnorm: StrictBool = False
+    dropout: Annotated[StrictFloat, Field(ge=0, lt=1)] = 0.0  # 1 would drop every activation
+    # 512 is 16x the default width: 256x its multiply-adds, ~2 G an image
+    width: Annotated[StrictInt, Field(ge=1, le=512)] = 32
     augment: AugmentParams = field(default_factory=AugmentParams)
-    schedule: Literal["constant", "onecycle"] = "constant"  # learning rate per step
-    # NHWC activations: torch's CPU max-pool is ~20x faster on NHWC than on NCHW maps
-    channels_last: bool = True
-    compile: bool = False  # torch.compile the training forward/backward
-    amp: bool = False  # bf16 autocast for the training steps (CUDA; CPUs with AMX)
+    schedule: Literal["constant", "onecycle"] = "constant"
+    channels_last: StrictBool = True
+    compile: StrictBool = False
+    amp: StrictBool = False
 
-    def validate(self, p: str) -> None:
-        _check(self.epochs >= 1, f"{p}.epochs", f"must be >= 1, got {self.epochs}")
-        _check(self.batch_size >= 1, f"{p}.batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(self.lr > 0, f"{p}.lr", f"must be > 0, got {self.lr}")
-        _check(0 <= self.dropout < 1, f"{p}.dropout", f"must be in [0, 1), got {self.dropout}")
-        _check(1 <= self.width <= 512, f"{p}.width", f"must be in [1, 512], got {self.width}")
+    @model_validator(mode="after")
+    def _seed_cnn_layer_for_layer(self) -> TrainParams:
         # the seed CNN is kept layer for layer, so its numbers stay reproducible
-        _check(
-            self.model != "seed" or not self.batchnorm,
-            f"{p}.batchnorm",
-            "needs model: improved (the seed CNN has no BatchNorm)",
-        )
-        _check(
-            self.model != "seed" or self.dropout == 0,
-            f"{p}.dropout",
-            "needs model: improved (the seed CNN has no Dropout)",
-        )
-        _check(
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-            f"{p}.device",
-            f"must be auto, cpu or cuda[:N], got {self.device!r}",
-        )
+        if self.model == "seed" and self.batchnorm:
+            raise _params_error(
+                "batchnorm", "needs model: improved (the seed CNN has no BatchNorm)"
+            )
+        if self.model == "seed" and self.dropout:
+            raise _params_error("dropout", "needs model: improved (the seed CNN has no Dropout)")
+        return self
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class EvaluateParams:
-    batch_size: int = 1000  # inference only: bigger batches, fewer calls
-    top_confused: int = 10  # how many (actual, predicted) pairs to list
+    """params.yaml ``evaluate``."""
 
-    def validate(self, p: str) -> None:
-        _check(self.batch_size >= 1, f"{p}.batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(self.top_confused >= 0, f"{p}.top_confused", "must be >= 0")
+    batch_size: Batch = 1000
+    top_confused: Annotated[StrictInt, Field(ge=0)] = 10
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class ReportParams:
-    n_misclassified: int = 36  # digits in the grid of misclassified test images
+    """params.yaml ``report``."""
 
-    def validate(self, p: str) -> None:
-        _check(self.n_misclassified >= 0, f"{p}.n_misclassified", "must be >= 0")
+    n_misclassified: Annotated[StrictInt, Field(ge=0, le=MAX_GRID)] = 36
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class PredictParams:
-    # the pipeline model `digitflow predict` and the DVC predict stage use (a key of `models`;
-    # params.yaml names the robust one, these built-in defaults know only the seed report's)
-    model: str = "seed"
-    batch_size: int = 256  # images per forward pass
-    workers: int = 2  # decoding threads (cv2 releases the GIL); this machine has 2 cores
-    preprocess: bool = True  # MNIST-style preprocessing of photos; false for MNIST-like inputs
-    chunk_size: int = 1000  # files per Prefect task in the batch_predict flow
+    """params.yaml ``predict``."""
 
-    def validate(self, p: str) -> None:
-        _check(self.batch_size >= 1, f"{p}.batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(self.workers >= 1, f"{p}.workers", f"must be >= 1, got {self.workers}")
-        _check(self.chunk_size >= 1, f"{p}.chunk_size", f"must be >= 1, got {self.chunk_size}")
+    # a key of `models`; params.yaml names its robust model, the built-in `models` know only
+    # the seed report's (the one default that differs from params.yaml)
+    model: Name = "seed"
+    batch_size: Batch = 256
+    workers: Annotated[StrictInt, Field(ge=1, le=MAX_WORKERS)] = 2
+    preprocess: StrictBool = True
+    chunk_size: Annotated[StrictInt, Field(ge=1)] = 1000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class PipelineParams:
-    download_retries: int = 3  # Prefect task retries of the download stage
-    retry_delay_s: float = 2.0  # first Prefect retry delay; doubles each retry
+    """params.yaml ``pipeline``."""
 
-    def validate(self, p: str) -> None:
-        _check(self.download_retries >= 0, f"{p}.download_retries", "must be >= 0")
-        _check(self.retry_delay_s >= 0, f"{p}.retry_delay_s", "must be >= 0")
+    download_retries: Annotated[StrictInt, Field(ge=0, le=MAX_RETRIES)] = 3
+    retry_delay_s: Seconds = 2.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class RetrainParams:
-    # promote a challenger only when test accuracy improves by at least this much (absolute)
-    min_improvement: float = 0.001
-    # ...and no class's recall drops by more than this (absolute) vs the champion
-    max_class_drop: float = 0.01
+    """params.yaml ``retrain``: absolute accuracy differences, so below 1."""
 
-    def validate(self, p: str) -> None:
-        _check(0 <= self.min_improvement < 1, f"{p}.min_improvement", "must be in [0, 1)")
-        _check(0 <= self.max_class_drop < 1, f"{p}.max_class_drop", "must be in [0, 1)")
+    min_improvement: Annotated[StrictFloat, Field(ge=0, lt=1)] = 0.001
+    max_class_drop: Annotated[StrictFloat, Field(ge=0, lt=1)] = 0.01
 
 
 def _default_recipes() -> dict[str, TrainParams]:
@@ -237,136 +266,302 @@ def _default_models() -> dict[str, str]:
     return {"seed": "seed"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class Params:
+    """The whole of params.yaml, validated: one attribute per section."""
+
     download: DownloadParams = field(default_factory=DownloadParams)
     split: SplitParams = field(default_factory=SplitParams)
     # named training recipes; `models` says which one each pipeline model is trained with
-    train: dict[str, TrainParams] = field(default_factory=_default_recipes)
-    models: dict[str, str] = field(default_factory=_default_models)
+    train: Annotated[dict[Name, TrainParams], Field(min_length=1)] = field(
+        default_factory=_default_recipes
+    )
+    models: Annotated[dict[Name, Name], Field(min_length=1)] = field(
+        default_factory=_default_models
+    )
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     report: ReportParams = field(default_factory=ReportParams)
     predict: PredictParams = field(default_factory=PredictParams)
     pipeline: PipelineParams = field(default_factory=PipelineParams)
     retrain: RetrainParams = field(default_factory=RetrainParams)
 
-    def validate(self, p: str = "") -> None:
-        """Sections validate themselves (_validate_tree walks into them); here, what links them."""
-        _check(bool(self.train), "train", "needs at least one recipe")
-        _check(bool(self.models), "models", "needs at least one model")
+    @model_validator(mode="after")
+    def _names_resolve(self) -> Params:
+        recipes = ", ".join(self.train)
         for name, recipe in self.models.items():
-            _check(
-                recipe in self.train,
-                f"models.{name}",
-                f"unknown recipe {recipe!r} (the train section has: {', '.join(self.train)})",
+            if recipe not in self.train:
+                raise _params_error(
+                    f"models.{name}",
+                    f"unknown recipe {_quote(recipe)} (the train section has: {recipes})",
+                )
+        if self.predict.model not in self.models:
+            raise _params_error(
+                "predict.model",
+                f"unknown model {_quote(self.predict.model)} (models: {', '.join(self.models)})",
             )
-        _check(
-            self.predict.model in self.models,
-            "predict.model",
-            f"unknown model {self.predict.model!r} (models: {', '.join(self.models)})",
-        )
+        return self
 
     def recipe(self, name: str) -> TrainParams:
         """The training recipe ``train.<name>``; an unknown name is a ParamsError."""
-        _check(
-            name in self.train,
-            f"train.{name}",
-            f"no such recipe (the train section has: {', '.join(self.train)})",
-        )
+        if name not in self.train:
+            raise ParamsError(
+                _one_line(
+                    f"params: train.{name}: no such recipe "
+                    f"(the train section has: {', '.join(self.train)})"
+                )
+            )
         return self.train[name]
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert a YAML value to the annotated type, or fail naming the key."""
-    origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        _check(isinstance(value, dict), key, f"must be a mapping, got {type(value).__name__}")
-        return _build(tp, value, key)
-    if origin is Literal:
-        _check(value in get_args(tp), key, f"must be one of {list(get_args(tp))}, got {value!r}")
-        return value
-    if origin is dict:
-        _check(isinstance(value, dict), key, f"must be a mapping, got {type(value).__name__}")
-        key_type, item = get_args(tp)
-        for k in value:
-            _check(isinstance(k, key_type), f"{key}.{k}", "keys must be names (strings)")
-        return {k: _coerce(v, item, f"{key}.{k}") for k, v in value.items()}
-    if origin is list:
-        _check(isinstance(value, list), key, f"must be a list, got {type(value).__name__}")
-        (item,) = get_args(tp)
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in get_args(tp):
-            return None
-        inner = [a for a in get_args(tp) if a is not type(None)]
-        return _coerce(value, inner[0], key)
-    if tp is bool:
-        _check(isinstance(value, bool), key, f"must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        _check(
-            isinstance(value, int) and not isinstance(value, bool),
-            key,
-            f"must be an integer, got {value!r}",
-        )
-        return value
-    if tp is float:
-        _check(
-            isinstance(value, (int, float)) and not isinstance(value, bool),
-            key,
-            f"must be a number, got {value!r}",
-        )
-        return float(value)
-    if tp is str:
-        _check(isinstance(value, str), key, f"must be a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported params type {tp!r} for {key}")
+# --- reading YAML ------------------------------------------------------------------------
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    where = f"{prefix}." if prefix else ""
-    _check(
-        not unknown,
-        ", ".join(where + k for k in unknown),
-        f"unknown key (expected one of: {', '.join(sorted(names))})",
-    )
-    kwargs = {k: _coerce(v, hints[k], where + k) for k, v in data.items()}
-    return cls(**kwargs)
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, stricter where a params file gains nothing from YAML's latitude.
+
+    params.yaml has no use for anchors: refusing aliases (``*name``) is what stops a "billion
+    laughs" (aliases of aliases, exponential on expansion) from growing downstream (an error
+    quoting the value, a validator walking it). No explicit tags (``!!python/...``), no merge
+    keys or duplicate keys (a later section would silently win), a bounded nesting depth, and
+    YAML 1.2 floats (``1e-3``: YAML 1.1 reads it as a string; DVC, which edits params.yaml
+    for ``-S``, reads YAML 1.2).
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise ComposerError(
+                None, None, "aliases (*name) are not allowed in a params file",
+                self.peek_event().start_mark,
+            )  # fmt: skip
+        event = self.peek_event()
+        tag = getattr(event, "tag", None)
+        if tag not in (None, "!"):  # "!" is YAML's "plain string"; no other type is needed here
+            # explicit tags are how YAML names Python objects (!!python/...), and PyYAML's
+            # constructors fail on odd ones with bare IndexErrors (`!!float` of nothing)
+            written = tag.replace("tag:yaml.org,2002:", "!!")
+            raise ComposerError(
+                None, None, f"tags ({_quote(written)}) are not allowed in a params file",
+                event.start_mark,
+            )  # fmt: skip
+        if self._depth >= MAX_YAML_DEPTH:
+            raise ComposerError(
+                None, None, f"nested deeper than {MAX_YAML_DEPTH} levels",
+                self.peek_event().start_mark,
+            )  # fmt: skip
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as exc:
+            # a scalar that has a type's form but not a valid value (the date 2024-13-45):
+            # PyYAML lets the constructor's own error escape, without a line
+            raise ConstructorError(
+                None, None, f"invalid value {_quote(node.value)}: {exc}", node.start_mark
+            ) from exc
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    raise ConstructorError(
+                        None, None, "merge keys (<<) are not allowed in a params file",
+                        key_node.start_mark,
+                    )  # fmt: skip
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                except TypeError:
+                    continue  # unhashable: the base class refuses it, with its line
+                if duplicate:
+                    raise ConstructorError(
+                        None, None, f"duplicate key {_quote(key)} (a later one would silently win)",
+                        key_node.start_mark,
+                    )  # fmt: skip
+                seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
-def _validate_tree(obj: Any, prefix: str) -> None:
-    """Run ``validate(prefix)`` of ``obj`` and of every dataclass nested in it."""
-    for f in dataclasses.fields(obj):
-        child = getattr(obj, f.name)
-        where = f"{prefix}.{f.name}" if prefix else f.name
-        if dataclasses.is_dataclass(child):
-            _validate_tree(child, where)
-        elif isinstance(child, dict):  # named sections, e.g. the train recipes
-            for k, v in child.items():
-                if dataclasses.is_dataclass(v):
-                    _validate_tree(v, f"{where}.{k}")
-    obj.validate(prefix)
+# YAML 1.2 floats with an exponent, with or without a dot (1e-3, 2E5, 1.5e3); YAML 1.1's
+# resolver needs both a dot and a signed exponent. The others (0.001, .inf, .nan) resolve as before.
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
-def parse_params(data: dict[str, Any] | None) -> Params:
-    """Build and validate Params from a parsed params.yaml mapping."""
-    params = _build(Params, data or {}, "")
-    _validate_tree(params, "")
-    return params
+def _yaml_error(exc: yaml.YAMLError, text: str, source: str) -> ParamsError:
+    """One line naming the file and the line of a YAML syntax, tag or reader error."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark is not None else ""
+        what = exc.problem or exc.context or "invalid YAML"
+    elif isinstance(exc, yaml.reader.ReaderError):  # a control character in the text
+        line = f":{text[: exc.position].count(chr(10)) + 1}"
+        char = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        what = f"control character U+{char:04X} is not allowed in YAML"
+    else:  # PyYAML raises no other kind from load(); kept readable if a version does
+        line, what = "", str(exc)
+    return ParamsError(_one_line(f"{source}{line}: {what}"))
+
+
+def read_params_yaml(raw: bytes | str, source: str) -> dict[str, Any]:
+    """The text of a params file as a mapping, read strictly; ``source`` names it in errors.
+
+    An empty document, a syntax error, non-UTF-8 bytes, an alias or a duplicate key is a
+    ParamsError of one line. The values are not validated (see :func:`parse_params_yaml`).
+    """
+    size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "replace"))
+    if size > MAX_PARAMS_BYTES:
+        raise ParamsError(f"{source}: larger than {MAX_PARAMS_BYTES} bytes: not a params file")
+    if isinstance(raw, bytes):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            raise ParamsError(
+                f"{source}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x})"
+            ) from exc
+    else:
+        text = raw
+    try:
+        data = yaml.load(text, Loader=_ParamsLoader)  # a SafeLoader subclass: safe
+    except yaml.YAMLError as exc:
+        raise _yaml_error(exc, text, source) from exc
+    if not data:  # None for an empty or comments-only file
+        # defaults for everything would silently run the stages on something nobody wrote
+        raise ParamsError(f"{source}: has no stage sections (empty)")
+    if not isinstance(data, dict):
+        raise ParamsError(f"{source}: top level must be a mapping of stage sections")
+    return data
+
+
+def parse_params_yaml(raw: bytes | str, source: str) -> Params:
+    """Parse and validate the text of a params file; any problem is a one-line ParamsError."""
+    return parse_params(read_params_yaml(raw, source), source)
 
 
 def load_params(path: Path = Path("params.yaml")) -> Params:
-    """Read params.yaml once; unknown keys or invalid values raise ParamsError."""
-    if not path.is_file():
+    """Read params.yaml once (size-capped); any problem with it raises a one-line ParamsError."""
+    if not path.exists():
         raise ParamsError(f"params file not found: {path}")
-    with path.open() as fh:
-        data = yaml.safe_load(fh)
-    if data is not None and not isinstance(data, dict):
-        raise ParamsError(f"{path}: top level must be a mapping of stage sections")
-    return parse_params(data)
+    if not path.is_file():  # a folder, a FIFO or a device would block or never end
+        raise ParamsError(f"{path}: not a regular file")
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_PARAMS_BYTES + 1)  # one byte more tells "too large"
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot read: {exc.strerror}") from exc
+    return parse_params_yaml(raw, str(path))
+
+
+# --- validation errors as one line -------------------------------------------------------
+
+_TYPE_MESSAGES = {
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "list_type": "must be a list",
+    "dict_type": "must be a mapping",
+    "dataclass_type": "must be a mapping",
+    "finite_number": "must be a finite number",
+    "too_short": "needs at least one entry",
+}
+_BOUNDS = {
+    "greater_than": ("gt", ">"),
+    "greater_than_equal": ("ge", ">="),
+    "less_than": ("lt", "<"),
+    "less_than_equal": ("le", "<="),
+}
+_UNKNOWN_KEY = ("extra_forbidden", "unexpected_keyword_argument")
+
+
+def _key_part(part: str) -> str:
+    """A key as written in params.yaml; odd ones (long, control characters, dots) quoted."""
+    if part and part.isprintable() and "." not in part and len(part) <= MAX_QUOTED:
+        return part
+    return _quote(part)
+
+
+def _section_fields(loc: tuple[str | int, ...]) -> list[str]:
+    """The key names the section at ``loc`` accepts (for "unknown key" errors)."""
+    tp: Any = Params
+    for part in loc:
+        if dataclasses.is_dataclass(tp):
+            tp = typing.get_type_hints(tp)[part]
+        else:  # dict[str, section]: the part is a recipe name
+            tp = typing.get_args(tp)[-1]
+    return sorted(f.name for f in dataclasses.fields(tp))
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    """``key.path: what is wrong (got value)`` for one pydantic error."""
+    loc = tuple(error["loc"])
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    got = f" (got {_quote(error.get('input'))})"
+    if loc and loc[-1] == "[key]":
+        loc, message = loc[:-1], "keys must be names (strings)"
+    elif kind in _UNKNOWN_KEY:
+        message = f"unknown key (expected one of: {', '.join(_section_fields(loc[:-1]))})"
+    elif kind in _BOUNDS:
+        name, op = _BOUNDS[kind]
+        bound = ctx[name]
+        if isinstance(bound, float) and bound.is_integer():
+            bound = int(bound)  # "> 0", not "> 0.0", for a float key
+        message = f"must be {op} {bound}{got}"
+    elif kind == "literal_error":
+        message = f"must be {ctx['expected']}{got}"
+    elif kind == "params":  # our cross-field checks: the key is below the failing section
+        loc += tuple(p for p in ctx["field"].split(".") if p)
+        message = ctx["detail"] + (got if ctx["field"] == "" else "")
+    elif kind in _TYPE_MESSAGES:
+        message = _TYPE_MESSAGES[kind] + got
+    else:  # any other pydantic check: its own sentence
+        message = error["msg"] + got
+    return f"{_key_path(loc)}: {message}"
+
+
+def _key_path(loc: tuple[str | int, ...]) -> str:
+    """``train.seed.lr``; list items as ``download.mirrors[1]``."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += ("." if path else "") + _key_part(part)
+    return path or "(top level)"
+
+
+@functools.cache
+def _validator() -> TypeAdapter[Params]:
+    return TypeAdapter(Params)
+
+
+def parse_params(data: Mapping[str, Any] | None, source: str = "params") -> Params:
+    """Build and validate Params from a parsed params.yaml mapping (missing keys: defaults).
+
+    The first problem found is a one-line ParamsError: ``<source>: key.path: what (got value)``.
+    """
+    if data is None:
+        raise ParamsError(f"{source}: has no stage sections (empty)")
+    try:
+        return _validator().validate_python(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ParamsError(_one_line(f"{source}: {_describe(errors[0])}{more}")) from exc
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -2,23 +2,48 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tasks.config import ParamsError, load_params, parse_params
+from tasks.config import Params, ParamsError, TrainParams, load_params, parse_params, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_project_params_yaml_loads_with_seed_defaults():
+def test_project_params_yaml_loads_every_value_as_written():
+    """The typed view holds each value of params.yaml, compared with an independent YAML read."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     p = load_params(ROOT / "params.yaml")
-    assert p.split.val_fraction == 0.3
+    assert set(raw) <= {f.name for f in dataclasses.fields(Params)}
+    for section, values in raw.items():
+        if section == "train":
+            assert {name: to_dict(p.recipe(name)) for name in values} == values
+        elif section == "models":
+            assert p.models == values
+        else:
+            assert to_dict(getattr(p, section)) == values, section
+    # the seed model is the seed report's CNN
     seed = p.recipe(p.models["seed"])
-    assert (seed.model, seed.epochs, seed.batch_size, seed.lr) == ("seed", 5, 64, 1e-3)
+    assert seed.model == "seed"
     # the prediction model is one the pipeline trains, with a recipe of its own
     assert p.predict.model in p.models and p.models[p.predict.model] != p.models["seed"]
+
+
+def test_built_in_defaults_are_the_seed_values_of_params_yaml():
+    """params.yaml is where a default is read; the models' defaults must not drift from it."""
+    p = load_params(ROOT / "params.yaml")
+    built_in = Params()
+    assert built_in.train == {"seed": p.recipe("seed")}
+    assert TrainParams() == p.recipe("seed")
+    assert built_in.models == {"seed": p.models["seed"]}
+    for section in ("download", "split", "evaluate", "report", "pipeline", "retrain"):
+        assert getattr(built_in, section) == getattr(p, section), section
+    # the one exception: the built-in `models` know only the seed report's model
+    assert dataclasses.replace(built_in.predict, model=p.predict.model) == p.predict
+    assert built_in.predict.model in built_in.models
 
 
 def test_every_recipe_sets_every_key():
