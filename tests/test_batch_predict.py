@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from pathlib import Path
 
 import numpy as np
@@ -97,8 +96,6 @@ def test_dask_flow_runs_the_chunks_on_the_cluster(
 def test_unreachable_dask_address_is_a_usage_error(
     inbox: Path, model_file: Path, tmp_path: Path
 ) -> None:
-    from flows.batch_predict import DASK_CONNECT_TIMEOUT_S
-
     with socket.socket() as sock:  # a loopback port nobody listens on
         sock.bind(("127.0.0.1", 0))
         address = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
@@ -106,13 +103,10 @@ def test_unreachable_dask_address_is_a_usage_error(
     app.command()(predict_cmd.batch_predict)
     out = tmp_path / "o.csv"
     args = [str(inbox), "--model", str(model_file), "--out", str(out), "--dask-address", address]
-    t0 = time.monotonic()
     result = CliRunner().invoke(app, args)
-    seconds = time.monotonic() - t0
     assert result.exit_code == 2, result.output
     assert f"error: cannot reach the Dask scheduler at {address}" in result.output
     assert "Traceback" not in result.output
-    assert seconds < DASK_CONNECT_TIMEOUT_S + 10  # not distributed's 30 s
     assert not out.exists()
 
 

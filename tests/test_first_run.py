@@ -297,7 +297,7 @@ def test_every_pipeline_model_is_a_dvc_model_artifact_at_its_train_output() -> N
 
 
 def test_files_named_in_the_sources_exist() -> None:
-    """Comments and docs point at README files that are there (no `README-train.md`)."""
+    """Comments and docs point at README files that are there (not at a never-written one)."""
     tracked = subprocess.run(
         ["git", "ls-files", "*.py", "*.yaml", "*.md", "Makefile"],
         cwd=ROOT, capture_output=True, text=True, check=True,

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -417,29 +416,50 @@ def test_failed_run_keeps_the_previous_output(good_folder: Path, tmp_path: Path)
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
+# Child-process code that runs the real predict command and pauses it at a known point:
+# right after the first row reaches the temp output, it says PAUSED on stdout and waits on
+# stdin. The test signals it there, so the signal always lands mid-write (no timing race).
+PAUSE_AFTER_FIRST_ROW = """
+import sys, typer
+from flows.predict_cmd import predict
+from tasks import predict as tp
+write = tp.RowWriter.write
+def paused(self, row):
+    write(self, row)
+    self.fh.flush()
+    print("PAUSED", flush=True)
+    sys.stdin.readline()
+tp.RowWriter.write = paused
+typer.run(predict)
+"""
+
+
+def run_paused(args: list[str | Path]) -> subprocess.Popen[bytes]:
+    """The predict command in a child process, paused after its first output row."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PAUSE_AFTER_FIRST_ROW, *map(str, args), "--no-progress"],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line == b"PAUSED\n", line + proc.stdout.read()
+    return proc
+
+
 def test_interrupted_run_leaves_no_output(model_file: Path, tmp_path: Path) -> None:
     """Ctrl-C in the middle of writing: no predictions file, no temp file left behind."""
     folder = tmp_path / "many"
     folder.mkdir()
     data = _png_bytes(REFERENCES[3])
-    for i in range(4000):
+    for i in range(3):
         (folder / f"{i:05d}.png").write_bytes(data)
     out = tmp_path / "out" / "pred.csv"
-    code = "import typer; from flows.predict_cmd import predict; typer.run(predict)"
-    args = [folder, "--model", model_file, "--out", out, "--batch-size", "1", "--workers", "1"]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, *map(str, args)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        temps = list(out.parent.glob(".pred.csv.*.tmp")) if out.parent.exists() else []
-        if temps and temps[0].stat().st_size > 0:  # rows are being written
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc = run_paused([folder, "--model", model_file, "--out", out, "--batch-size", "1"])
+    temps = list(out.parent.glob(".pred.csv.*.tmp"))
+    assert len(temps) == 1 and temps[0].stat().st_size > 0  # the known point: mid-write
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=60)
-    assert proc.returncode != 0
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0, output
+    assert b"Traceback" not in output
     assert not out.exists()
     assert list(out.parent.iterdir()) == []
