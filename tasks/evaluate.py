@@ -19,8 +19,8 @@ import torch
 
 from tasks.data import load_arrays
 from tasks.io import atomic_write_text
-from tasks.model import load_model, pick_device
-from tasks.train import evaluate_arrays
+from tasks.metrics import N_CLASSES, confusion_matrix
+from tasks.model import evaluate_arrays, load_model, pick_device
 
 
 @dataclass
@@ -36,11 +36,10 @@ class EvaluateResult:
 
 def most_confused(actual: np.ndarray, predicted: np.ndarray, top: int) -> list[dict[str, Any]]:
     """The ``top`` off-diagonal (actual, predicted) pairs by count."""
-    cm = np.zeros((10, 10), dtype=np.int64)
-    np.add.at(cm, (actual, predicted), 1)
+    cm = confusion_matrix(actual, predicted)
     np.fill_diagonal(cm, 0)
     order = np.argsort(-cm, axis=None, kind="stable")[:top]
-    pairs = [divmod(int(i), 10) for i in order]
+    pairs = [divmod(int(i), N_CLASSES) for i in order]
     return [{"actual": a, "predicted": p, "count": int(cm[a, p])} for a, p in pairs if cm[a, p]]
 
 
@@ -69,7 +68,7 @@ def evaluate(
     predicted = pred.cpu().numpy()
     actual = labels.astype(np.int64)
     prec, rec, f1, support = precision_recall_fscore_support(
-        actual, predicted, labels=list(range(10)), zero_division=0
+        actual, predicted, labels=list(range(N_CLASSES)), zero_division=0
     )
     per_class = [
         {
@@ -79,7 +78,7 @@ def evaluate(
             "f1": float(f1[c]),
             "support": int(support[c]),
         }
-        for c in range(10)
+        for c in range(N_CLASSES)
     ]
     metrics = {
         "accuracy": accuracy,

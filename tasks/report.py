@@ -11,6 +11,7 @@ import yaml
 
 from tasks.data import load_arrays
 from tasks.io import atomic_path, atomic_write_text
+from tasks.metrics import confusion_matrix, read_confusion_rows
 from tasks.model import load_model
 
 
@@ -23,7 +24,8 @@ def _save_fig(fig: Any, path: Path) -> Path:
     return path
 
 
-def _curves_figure(history: list[dict[str, float]], path: Path) -> Path:
+def _curves_figure(history: list[dict[str, float]], kept: int, path: Path) -> Path:
+    """Loss and accuracy per epoch, with the epoch the model file holds marked."""
     import matplotlib.pyplot as plt
 
     epochs = [int(r["epoch"]) for r in history]
@@ -35,6 +37,7 @@ def _curves_figure(history: list[dict[str, float]], path: Path) -> Path:
     ax_acc.plot(epochs, [r["val_accuracy"] for r in history], "o-", label="validation")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
     for ax in (ax_loss, ax_acc):
+        ax.axvline(kept, color="gray", linestyle="--", label=f"model (epoch {kept})")
         ax.legend()
         ax.grid(alpha=0.3)
     return _save_fig(fig, path)
@@ -49,7 +52,7 @@ def _confusion_figure(cm: np.ndarray, path: Path) -> Path:
         # dark text on light cells, white on dark ones
         ax.text(p, a, str(n), ha="center", va="center", fontsize=7,
                 color="white" if n > cm.max() / 2 else "black")  # fmt: skip
-    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="actual",
+    ax.set(xticks=range(len(cm)), yticks=range(len(cm)), xlabel="predicted", ylabel="actual",
            title="Confusion matrix (test set)")  # fmt: skip
     return _save_fig(fig, path)
 
@@ -93,22 +96,33 @@ def write_report(
     loaded = load_model(model_path)
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     classes = json.loads((eval_dir / "classes.json").read_text())
-    pairs = np.loadtxt(eval_dir / "confusion.csv", delimiter=",", skiprows=1, dtype=np.int64)
-    actual, predicted = pairs[:, 0], pairs[:, 1]
+    actual, predicted = read_confusion_rows(eval_dir / "confusion.csv")
     images, _ = load_arrays(test_path)
-    cm = np.zeros((10, 10), dtype=np.int64)
-    np.add.at(cm, (actual, predicted), 1)
+    cm = confusion_matrix(actual, predicted)
 
+    history = loaded.history
+    # the epoch whose weights the file holds (train.keep: best or last); files without it
+    # hold the last
+    kept = int(loaded.metrics.get("epoch", history[-1]["epoch"] if history else 0))
     out_dir.mkdir(parents=True, exist_ok=True)
-    _curves_figure(loaded.history, out_dir / "training_curves.png")
+    _curves_figure(history, kept, out_dir / "training_curves.png")
     _confusion_figure(cm, out_dir / "confusion_matrix.png")
     _misclassified_figure(images, actual, predicted, n_misclassified, out_dir / "misclassified.png")
 
     epoch_rows = [
-        [int(r["epoch"]), f"{r['loss']:.4f}", f"{r['train_accuracy']:.2%}",
+        [f"{int(r['epoch'])} (model)" if int(r["epoch"]) == kept else int(r["epoch"]),
+         f"{r['loss']:.4f}", f"{r['train_accuracy']:.2%}",
          f"{r['val_loss']:.4f}", f"{r['val_accuracy']:.2%}"]
-        for r in loaded.history
+        for r in history
     ]  # fmt: skip
+    kept_row = next((r for r in history if int(r["epoch"]) == kept), None)
+    holds = (
+        f"The model file holds epoch {kept}'s weights "
+        f"(validation accuracy {kept_row['val_accuracy']:.2%}; `train.keep: "
+        f"{loaded.params.get('keep', 'last')}`), marked on the curves."
+        if kept_row
+        else ""
+    )
     class_rows = [
         [c["class"], f"{c['precision']:.4f}", f"{c['recall']:.4f}", f"{c['f1']:.4f}", c["support"]]
         for c in classes["per_class"]
@@ -116,7 +130,7 @@ def write_report(
     pair_rows = [[p["actual"], p["predicted"], p["count"]] for p in classes["most_confused"]]
     md = f"""# digitflow report
 
-Model: `{loaded.arch}` CNN, trained {len(loaded.history)} epochs.
+Model: `{loaded.arch}` CNN, trained {len(history)} epochs. {holds}
 
 ## Test accuracy
 

@@ -12,8 +12,9 @@ channels_last, torch.compile and bf16 autocast. All off reproduces the seed reci
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
-import sys
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,20 +23,39 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from tasks.config import AugmentParams, TrainParams, to_dict
 from tasks.data import load_arrays
 from tasks.model import (
+    SIZE_MARGIN,
+    TorchFileError,
     atomic_torch_save,
     build_model,
+    evaluate_arrays,
     normalize_uint8,
     pick_device,
+    safe_torch_load,
     save_model,
+    state_nbytes,
 )
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "digitflow-train-checkpoint"
+# copies of the weights a checkpoint holds: the model, Adam's two moments, the best epoch's
+CHECKPOINT_COPIES = 4
+# ... plus the per-epoch history, the RNG state (5 KB) and the pickles: well under 1 MiB
+CHECKPOINT_SLACK = 1 << 20
+# The payload's entries: a checkpoint missing any is not one this code wrote.
+CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scheduler", "rng_state", "history", "best")
+# dvclive metric name -> history column; the same names in metrics.json and the plots
+LIVE_METRICS = {
+    "train/loss": "loss",
+    "train/accuracy": "train_accuracy",
+    "val/loss": "val_loss",
+    "val/accuracy": "val_accuracy",
+}
 
 
 @dataclass
@@ -43,6 +63,59 @@ class TrainResult:
     model_path: Path
     history: list[dict[str, float]]  # one row per epoch: epoch, loss, train_accuracy, val_*
     resumed_from_epoch: int  # 0 when trained from scratch
+    kept: dict[str, float]  # the history row of the epoch whose weights the model file holds
+
+
+def save_checkpoint(path: Path, fingerprint: str, payload: dict[str, Any]) -> None:
+    """Write the resume state with a SHA-256 of its bytes, atomically.
+
+    The payload is serialized first and stored as a byte tensor beside its hash, so a
+    damaged file (a flipped bit in the weights loads fine otherwise) is caught on resume.
+    """
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    atomic_torch_save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": fingerprint,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "payload": torch.frombuffer(bytearray(data), dtype=torch.uint8),
+        },
+        path,
+    )
+
+
+def load_checkpoint(path: Path, fingerprint: str, max_bytes: int) -> dict[str, Any] | None:
+    """The resume state in ``path`` if it belongs to this run (``fingerprint``), else None.
+
+    Loaded on the CPU (torch.set_rng_state needs a CPU tensor); load_state_dict copies the
+    weights and optimizer state to the training device.
+
+    Raises TorchFileError when the file is not a checkpoint, is damaged or fails its hash.
+    """
+    outer = safe_torch_load(path, max_bytes)
+    if not isinstance(outer, dict) or outer.get("format") != CHECKPOINT_FORMAT:
+        raise TorchFileError("not a digitflow checkpoint (no header)")
+    if outer.get("fingerprint") != fingerprint:
+        return None
+    payload = outer.get("payload")
+    if not (isinstance(payload, torch.Tensor) and payload.dtype == torch.uint8):
+        raise TorchFileError("no checksummed payload (written by an older digitflow?)")
+    data = payload.numpy().tobytes()
+    if hashlib.sha256(data).hexdigest() != outer.get("sha256"):
+        raise TorchFileError("its SHA-256 does not match its contents")
+    state = safe_torch_load(io.BytesIO(data), max_bytes)
+    if not isinstance(state, dict) or not all(k in state for k in CHECKPOINT_KEYS):
+        raise TorchFileError("its payload lacks the resume state")
+    return state
+
+
+def _set_aside(path: Path, why: object) -> None:
+    """Move a damaged checkpoint out of the way (kept for inspection) and say so in one line."""
+    aside = path.with_name(path.name + ".corrupt")
+    os.replace(path, aside)
+    log.warning("%s is damaged: %s; moved it to %s, training from the start", path, why, aside)
 
 
 def _fingerprint(params: TrainParams, train_path: Path, val_path: Path) -> str:
@@ -57,24 +130,6 @@ def seed_everything(seed: int) -> None:
     """Same seed on CPU -> same numbers."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
-
-
-@torch.inference_mode()
-def evaluate_arrays(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-    mean: float, std: float, batch_size: int = 1000,
-) -> tuple[float, float, torch.Tensor]:  # fmt: skip
-    """(mean loss, accuracy, predictions) of ``model`` on uint8 images (N, 28, 28)."""
-    model.eval()
-    total_loss, preds = 0.0, []
-    for i in range(0, len(images), batch_size):
-        logits = model(normalize_uint8(images[i : i + batch_size], mean, std))
-        y = labels[i : i + batch_size].long()
-        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
-        preds.append(logits.argmax(1))
-    pred = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
-    n = max(len(images), 1)
-    return total_loss / n, (pred == labels.long()).float().sum().item() / n, pred
 
 
 # Elastic warps: a random displacement per node of a coarse grid, upsampled bicubically to
@@ -285,17 +340,6 @@ def build_training(
     return model, step_model, optimizer, scheduler
 
 
-def _progress(total: int, desc: str, enabled: bool | None) -> Any:
-    """A tqdm bar on a terminal, nothing otherwise (logs stay clean in DVC/CI)."""
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True)
-
-
 def train(
     train_path: Path,
     val_path: Path,
@@ -330,20 +374,32 @@ def train(
     # train.keep = best: the weights of the epoch with the highest validation accuracy so far
     best: dict[str, Any] = {"epoch": 0, "val_accuracy": -1.0, "state": None}
     if checkpoint_path.is_file():
-        ckpt = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        if ckpt.get("format") == CHECKPOINT_FORMAT and ckpt.get("fingerprint") == fingerprint:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if scheduler is not None:
-                scheduler.load_state_dict(ckpt["scheduler"])
-            torch.set_rng_state(ckpt["rng_state"])
-            history, start = list(ckpt["history"]), int(ckpt["epoch"])
-            best = dict(ckpt["best"])
-            log.info("resuming from %s after epoch %d", checkpoint_path, start)
-        else:
-            log.info(
-                "ignoring %s: it belongs to another run (params or data differ)", checkpoint_path
-            )
+        max_bytes = int(CHECKPOINT_COPIES * state_nbytes(model) * SIZE_MARGIN) + CHECKPOINT_SLACK
+        try:
+            ckpt = load_checkpoint(checkpoint_path, fingerprint, max_bytes)
+            if ckpt is None:
+                log.info(
+                    "ignoring %s: it belongs to another run (params or data differ)",
+                    checkpoint_path,
+                )
+            else:
+                model.load_state_dict(ckpt["model"])
+                optimizer.load_state_dict(ckpt["optimizer"])
+                if scheduler is not None:
+                    scheduler.load_state_dict(ckpt["scheduler"])
+                torch.set_rng_state(ckpt["rng_state"])
+                history, start = list(ckpt["history"]), int(ckpt["epoch"])
+                best = dict(ckpt["best"])
+                log.info("resuming from %s after epoch %d", checkpoint_path, start)
+        # TorchFileError: unreadable or failed its hash; the others: a payload that passed
+        # its hash yet does not fit this run's model or optimizer (written by other code)
+        except (TorchFileError, KeyError, ValueError, RuntimeError, TypeError) as exc:
+            _set_aside(checkpoint_path, exc)
+            # the state may be half loaded: rebuild it exactly as a fresh run does
+            seed_everything(params.seed)
+            model, step_model, optimizer, scheduler = build_training(params, device, len(xs))
+            history, start = [], 0
+            best = {"epoch": 0, "val_accuracy": -1.0, "state": None}
 
     # dvclive rewrites its folder from scratch; on resume, replay the finished epochs
     with Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None) as live:
@@ -356,14 +412,17 @@ def train(
             # augmentation draws from its own (seed, epoch) generator on the device, for the
             # same reason; dropout draws from the global RNG, saved in the checkpoint
             aug_gen = torch.Generator(device).manual_seed(params.seed * 1_000_003 + epoch + 1)
-            bar = _progress(len(xs), f"epoch {epoch}/{params.epochs}", progress)
+            # disable=None: a bar on a terminal only, so DVC and CI logs stay clean
+            bar = tqdm(
+                total=len(xs), desc=f"epoch {epoch}/{params.epochs}", unit="img", leave=False,
+                dynamic_ncols=True, disable=None if progress is None else not progress,
+            )  # fmt: skip
             loss, acc = train_epoch(
                 step_model, optimizer, xs, ys, order, params.batch_size, mean, std, bar,
                 augment=params.augment, aug_gen=aug_gen, scheduler=scheduler,
                 channels_last=params.channels_last, amp=params.amp,
             )  # fmt: skip
-            if bar is not None:
-                bar.close()
+            bar.close()
             val_loss, val_acc, _ = evaluate_arrays(model, vx, vy, mean, std)
             row = {
                 "epoch": epoch, "loss": loss, "train_accuracy": acc,
@@ -379,10 +438,10 @@ def train(
                 "epoch %d/%d loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f",
                 epoch, params.epochs, loss, acc, val_loss, val_acc,
             )  # fmt: skip
-            atomic_torch_save(
+            save_checkpoint(
+                checkpoint_path,
+                fingerprint,
                 {
-                    "format": CHECKPOINT_FORMAT,
-                    "fingerprint": fingerprint,
                     "epoch": epoch,
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -391,11 +450,13 @@ def train(
                     "history": history,
                     "best": best,
                 },
-                checkpoint_path,
             )
         kept = best["epoch"] if params.keep == "best" else history[-1]["epoch"]
-        # which epoch's weights the model file holds (the curves above cover every epoch);
-        # written to metrics.json when the Live context ends
+        # metrics.json's values describe the model file (dvc metrics show/diff read them):
+        # the kept epoch's, not the last one's; the plots keep every epoch. Written when the
+        # Live context ends.
+        for name, column in LIVE_METRICS.items():
+            live.log_metric(name, history[kept - 1][column], plot=False)
         live.summary["kept_epoch"] = kept
 
     if params.keep == "best" and best["epoch"] != history[-1]["epoch"]:
@@ -408,13 +469,13 @@ def train(
         history=history,
     )  # fmt: skip
     checkpoint_path.unlink(missing_ok=True)
-    return TrainResult(model_path=model_path, history=history, resumed_from_epoch=start)
+    return TrainResult(
+        model_path=model_path, history=history, resumed_from_epoch=start, kept=history[kept - 1]
+    )
 
 
 def _log_epoch(live: Any, row: dict[str, float]) -> None:
     live.step = int(row["epoch"])  # DVC plots' x axis ("step") is the epoch number, from 1
-    live.log_metric("train/loss", row["loss"])
-    live.log_metric("train/accuracy", row["train_accuracy"])
-    live.log_metric("val/loss", row["val_loss"])
-    live.log_metric("val/accuracy", row["val_accuracy"])
+    for name, column in LIVE_METRICS.items():
+        live.log_metric(name, row[column])
     live.next_step()

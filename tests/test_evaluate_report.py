@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from tasks.data import load_arrays
 from tasks.evaluate import evaluate, most_confused
+from tasks.model import load_model, save_model
 from tasks.report import write_report
 
 
@@ -70,9 +72,40 @@ def test_report_has_the_seed_reports_sections(
     ]:
         assert heading in md
     metrics = json.loads((eval_dir / "metrics.json").read_text())
-    assert f"{metrics['accuracy']:.2%}" in md
-    assert "| 2 |" in md  # per-epoch table has the second epoch
-    assert "epochs: 2" in md
+    assert f"**{metrics['accuracy']:.2%}** on {metrics['n_test']:,} test images" in md
+    # the per-epoch table: one row per epoch of the model's own history, in order
+    loaded = load_model(trained_model_path)
+    section = md.split("## Training\n", 1)[1].split("\n## ", 1)[0]
+    table = [line for line in section.splitlines() if line.startswith("| ")][1:]  # no header
+    epochs = [line.split("|")[1].strip().split()[0] for line in table]
+    assert epochs == [str(r["epoch"]) for r in loaded.history]
+    for r in loaded.history:
+        assert f"{r['loss']:.4f} | {r['train_accuracy']:.2%} | {r['val_loss']:.4f}" in md
+    # the parameters section is the YAML of what was passed, not just some text
+    block = md.split("## Parameters", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert yaml.safe_load(block) == params
     for png in ["training_curves.png", "confusion_matrix.png", "misclassified.png"]:
         data = (tmp_path / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and f"({png})" in md
+
+
+def test_report_names_the_epoch_the_model_holds(
+    evaluated, trained_model_path: Path, tiny_prepared: Path, tmp_path: Path
+):
+    """keep=best kept epoch 2 of 3: the report says so, not the last epoch's numbers."""
+    _, eval_dir = evaluated
+    loaded = load_model(trained_model_path)
+    history = [
+        {"epoch": e, "loss": 1.0 / e, "train_accuracy": 0.5 + e / 10, "val_loss": 0.9 + e / 10,
+         "val_accuracy": acc}
+        for e, acc in [(1, 0.61), (2, 0.83), (3, 0.72)]
+    ]  # fmt: skip
+    model = save_model(
+        tmp_path / "model.pt", loaded.model, loaded.arch, loaded.mean, loaded.std,
+        {**loaded.params, "keep": "best"}, metrics=history[1], history=history,
+    )  # fmt: skip
+    md = write_report(model, eval_dir, tiny_prepared / "test.npz", tmp_path / "r", {}, 9)
+    md = md.read_text()
+    assert "holds epoch 2's weights (validation accuracy 83.00%" in md
+    marked = [line for line in md.splitlines() if "(model)" in line]
+    assert len(marked) == 1 and marked[0].startswith("| 2 (model) |")

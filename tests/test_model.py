@@ -62,13 +62,18 @@ def test_pickle_carrying_code_is_refused_and_not_executed(tmp_path: Path):
     [
         b"",
         bytes(range(256)) * 4,
+        b"PK\x03\x04" + bytes(100),  # a zip's first bytes, then nothing
     ],
 )
 def test_junk_bytes_are_refused(tmp_path: Path, payload: bytes):
     path = tmp_path / "junk.pt"
     path.write_bytes(payload)
-    with pytest.raises(ModelFileError, match="not a digitflow model file"):
+    with pytest.raises(ModelFileError, match="not a digitflow model file") as refused:
         load_model(path)
+    # junk is named as such (before: "holds pickled objects", torch's fallback reading it
+    # as a legacy pickle)
+    assert "not a PyTorch file" in str(refused.value)
+    assert "pickled objects" not in str(refused.value)
 
 
 def test_foreign_torch_files_are_refused(tmp_path: Path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -46,7 +47,11 @@ def test_loss_goes_down_and_model_file_is_self_describing(tiny_prepared: Path, t
     assert not (tmp_path / "ckpt.pt").exists()
     # dvclive wrote per-epoch metrics and plot files for DVC
     metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
-    assert metrics["val"]["accuracy"] == pytest.approx(result.history[-1]["val_accuracy"])
+    # keep=best: metrics.json describes the kept epoch, the best (earliest of ties)
+    best = max(result.history, key=lambda r: r["val_accuracy"])
+    assert metrics["kept_epoch"] == best["epoch"] == loaded.metrics["epoch"]
+    assert metrics["val"]["accuracy"] == best["val_accuracy"] == result.kept["val_accuracy"]
+    assert metrics["train"]["loss"] == best["loss"]
     tsv = (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
     assert len(tsv) == 1 + 3
 
@@ -121,7 +126,20 @@ def test_keep_best_saves_the_best_validation_epoch(
     assert _weights_equal(kept, one)
     assert not _weights_equal(final, one)
     summary = json.loads((tmp_path / "best" / "live" / "metrics.json").read_text())
-    assert summary["kept_epoch"] == 1
+    assert summary["kept_epoch"] == 1 and best.kept["epoch"] == 1
+    # the values dvc metrics show/diff read are the kept model's, not the last epoch's
+    # (validation was scaled down after epoch 1, so the two differ)
+    assert (
+        summary["val"]["accuracy"]
+        == best.history[0]["val_accuracy"]
+        == kept.metrics["val_accuracy"]
+    )
+    assert summary["val"]["accuracy"] > best.history[-1]["val_accuracy"]
+    assert summary["val"]["loss"] == best.history[0]["val_loss"]
+    assert summary["train"]["accuracy"] == best.history[0]["train_accuracy"]
+    # ... while the curves keep every epoch
+    tsv = tmp_path / "best" / "live" / "plots" / "metrics" / "val" / "accuracy.tsv"
+    assert len(tsv.read_text().splitlines()) == 1 + 3
 
 
 def test_same_seed_same_numbers(tiny_prepared: Path, tmp_path: Path):
@@ -135,44 +153,49 @@ def test_same_seed_same_numbers(tiny_prepared: Path, tmp_path: Path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_interrupted_run_resumes_from_checkpoint(
-    tiny_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
-    full = _run(tiny_prepared, tmp_path / "full", epochs=2)
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
-    # simulate a crash after epoch 1: a 1-epoch run's checkpoint, relabelled as the 2-epoch run's
-    part = tmp_path / "part"
-    params1 = TrainParams(epochs=1, batch_size=32, device="cpu")
 
-    class Stop(Exception):
-        pass
+class Stop(Exception):
+    """The simulated crash."""
 
+
+def run_interrupted(prepared: Path, out: Path, after_epochs: int, **kw) -> None:
+    """Train like _run, but "die" during epoch ``after_epochs + 1``: its checkpoint is on disk."""
     import tasks.train as tr
 
-    def crash(*a, **k):
-        raise Stop
+    real, calls = tr.train_epoch, []
 
-    # fault injection: the process "dies" after the epoch-1 checkpoint, before the model file
-    with monkeypatch.context() as m:
-        m.setattr(tr, "save_model", crash)
+    def crash_later(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > after_epochs:
+            raise Stop
+        return real(*args, **kwargs)
+
+    # fault injection: the real run, with the process "killed" in the middle of an epoch
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(tr, "train_epoch", crash_later)
         with pytest.raises(Stop):
-            train(tiny_prepared / "train.npz", tiny_prepared / "val.npz", part / "model.pt",
-                  part / "live", part / "ckpt.pt", params1, progress=False)  # fmt: skip
-    assert not (part / "model.pt").exists()
-    ckpt = torch.load(part / "ckpt.pt", weights_only=True)
-    assert ckpt["epoch"] == 1
-    # the fingerprint ties a checkpoint to its run: retarget it to the 2-epoch run
-    ckpt["fingerprint"] = tr._fingerprint(
-        TrainParams(epochs=2, batch_size=32, device="cpu"),
-        tiny_prepared / "train.npz", tiny_prepared / "val.npz",
-    )  # fmt: skip
-    torch.save(ckpt, part / "ckpt.pt")
+            _run(prepared, out, **kw)
+    assert not (out / "model.pt").exists() and (out / "ckpt.pt").is_file()
 
-    resumed = _run(tiny_prepared, part, epochs=2)
-    assert resumed.resumed_from_epoch == 1
+
+def test_interrupted_run_resumes_to_the_same_bytes(tiny_prepared: Path, tmp_path: Path):
+    # keep=best with a constant lr: epoch 3's weights are kept only if its val is the best
+    full = _run(tiny_prepared, tmp_path / "full", epochs=3)
+    part = tmp_path / "part"
+    run_interrupted(tiny_prepared, part, after_epochs=2, epochs=3)
+
+    resumed = _run(tiny_prepared, part, epochs=3)
+    assert resumed.resumed_from_epoch == 2
     assert resumed.history == full.history  # resuming gives exactly the uninterrupted numbers
-    # ... and the same kept weights (the best epoch so far travels in the checkpoint)
-    assert _weights_equal(load_model(resumed.model_path), load_model(full.model_path))
+    assert resumed.kept == full.kept  # the best epoch so far travels in the checkpoint
+    # the same bytes, so DVC sees an unchanged output and does not rerun what depends on it
+    # (before: the resumed history pickled larger, 2009 vs 1941 bytes)
+    for name in ["model.pt", "live/metrics.json", "live/plots/metrics/val/accuracy.tsv"]:
+        assert _sha256(part / name) == _sha256(tmp_path / "full" / name), name
+    assert not (part / "ckpt.pt").exists()
 
 
 def test_checkpoint_of_another_run_is_ignored(tiny_prepared: Path, tmp_path: Path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -192,6 +193,10 @@ def test_same_seed_same_history_and_exact_resume(
     monkeypatch.setattr(train_mod, "train_epoch", real_epoch)
     # data, order, augmentation, dropout RNG, Adam and OneCycle state all continue exactly
     assert _run(IMPROVED, tiny_prepared, tmp_path / "c") == full
+    # ... down to the bytes of the model file and metrics.json (what DVC compares)
+    for name in ["model.pt", "live/metrics.json"]:
+        digests = {hashlib.sha256((tmp_path / r / name).read_bytes()).digest() for r in "abc"}
+        assert len(digests) == 1, name
 
 
 @pytest.mark.training
