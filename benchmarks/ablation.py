@@ -205,13 +205,13 @@ def main() -> None:
     run_queue(queue, args.skip_existing)
     exps = experiments()
 
-    print("\n| experiment | what it adds | test accuracy | test errors | final val accuracy |")
+    print("\n| experiment | what it adds | test accuracy | test errors | kept val accuracy |")
     print("|---|---|---|---|---|")
     table = []
     for name, what, _ in ROWS:
         acc, errors, val, kept = row_cells(exps[name])
         table.append({"name": name, "what": what, "accuracy": acc, "errors": errors,
-                      "last_val_accuracy": val, "kept_epoch": kept,
+                      "kept_val_accuracy": val, "kept_epoch": kept,
                       "seconds": seconds.get(name)})  # fmt: skip
         print(f"| `{name}` | {what} | {acc:.2%} | {errors} | {val:.2%} |")
 

@@ -65,6 +65,9 @@ SEED_LIMIT = 2**32
 MAX_RETRIES = 20
 # Delays and socket timeouts beyond an hour are typos; huge ones overflow socket.settimeout.
 MAX_SECONDS = 3600.0
+# The widest network (train.*.width) a recipe may ask for: 16x the default width, 256x its
+# multiply-adds (~2 G an image). tasks/model.py sizes its model-file bound from it.
+MAX_WIDTH = 512
 MAX_WORKERS = 256  # decoding threads: beyond any machine's cores they only add memory
 MAX_GRID = 1000  # misclassified digits in a 9-wide grid: 112 rows, a figure ~150 inches tall
 
@@ -194,8 +197,7 @@ class TrainParams:
     device: Device = "auto"
     batchnorm: StrictBool = False
     dropout: Annotated[StrictFloat, Field(ge=0, lt=1)] = 0.0  # 1 would drop every activation
-    # 512 is 16x the default width: 256x its multiply-adds, ~2 G an image
-    width: Annotated[StrictInt, Field(ge=1, le=512)] = 32
+    width: Annotated[StrictInt, Field(ge=1, le=MAX_WIDTH)] = 32
     augment: AugmentParams = field(default_factory=AugmentParams)
     schedule: Literal["constant", "onecycle"] = "constant"
     channels_last: StrictBool = True

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tasks.config import MAX_WIDTH
 from tasks.io import atomic_open
 
 FORMAT = "digitflow-model"
@@ -129,8 +130,6 @@ class ModelFileError(TorchFileError):
     """The file is not a digitflow model (or is damaged)."""
 
 
-# The widest network a recipe may ask for: tasks/config.py accepts train.*.width in [1, 512].
-MAX_WIDTH = 512
 # Headroom over the largest weights for what else a model file holds: the pickled metadata
 # (params, per-epoch history: ~100 bytes an epoch) and the zip's headers and 64-byte
 # alignment padding of each tensor record (a few KB). 1.5x the weights is far more than that
