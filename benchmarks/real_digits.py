@@ -57,15 +57,13 @@ import numpy as np
 
 from flows.predict_cmd import model_file
 from tasks.config import load_params
+from tasks.decode import ImageError, load_gray, load_image
 from tasks.preprocess import (
     LINES_ANY,
     LINES_OFF,
     MNIST_BOX,
     MNIST_SIZE,
-    ImageError,
     Steps,
-    load_gray,
-    load_image,
     naive_28,
     to_mnist,
 )

@@ -23,19 +23,15 @@ import numpy as np
 import pytest
 
 from tasks import preprocess
+from tasks.decode import ImageError, decode_bytes, load_gray, load_image, read_header
 from tasks.preprocess import (
     LINES_ANY,
     MNIST_BOX,
     STROKE_RANGE,
-    ImageError,
     Steps,
-    decode_bytes,
     is_near_mnist,
-    load_gray,
-    load_image,
     naive_28,
     prepare_file,
-    read_header,
     to_mnist,
 )
 
@@ -641,9 +637,10 @@ def test_opencv_limit_backs_up_unparsed_headers(tmp_path: Path) -> None:
         "import os, re, sys\n"
         "from pathlib import Path\n"
         "import tasks.preprocess as pp\n"
+        "import tasks.decode\n"
         "assert 'cv2' in sys.modules\n"
         "print(os.environ['OPENCV_IO_MAX_IMAGE_PIXELS'])\n"
-        "pp.read_header = lambda data: None\n"
+        "tasks.decode.read_header = lambda data: None\n"
         "result = pp.prepare_file(sys.argv[1])\n"
         "print(result.status, result.message)\n"
         "print(re.search(r'VmHWM:\\s+(\\d+)', Path('/proc/self/status').read_text())[1])\n"
@@ -759,7 +756,8 @@ def test_20000_pixel_jpeg_decodes_in_bounded_memory(tmp_path: Path) -> None:
     code = (
         "import re, sys\n"
         "from pathlib import Path\n"
-        "from tasks.preprocess import load_gray, to_mnist\n"
+        "from tasks.decode import load_gray\n"
+        "from tasks.preprocess import to_mnist\n"
         "gray = load_gray(sys.argv[1])\n"
         "assert to_mnist(gray) is not None\n"
         "peak = re.search(r'VmHWM:\\s+(\\d+)', Path('/proc/self/status').read_text())[1]\n"
