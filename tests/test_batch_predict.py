@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from flows import predict_cmd
 from tasks.model import build_model, save_model
 from tasks.predict import predict_paths
-from tests.test_preprocess import REFERENCES, _png_bytes, big_glyph, photo
+from tests.images import REFERENCES, big_glyph, photo, png_bytes
 
 CHUNK = 3  # small chunks so a handful of files spreads over several tasks
 
@@ -32,12 +32,12 @@ def inbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Eight files over three chunks: digits, a photo, a blank and a broken file."""
     folder = tmp_path_factory.mktemp("inbox")
     for d in range(5):
-        (folder / f"digit{d}.png").write_bytes(_png_bytes(REFERENCES[d]))
+        (folder / f"digit{d}.png").write_bytes(png_bytes(REFERENCES[d]))
     sub = folder / "photos"
     sub.mkdir()
     img = photo(big_glyph(6), np.random.default_rng(0), (120, 160))
-    (sub / "six.png").write_bytes(_png_bytes(img))
-    (sub / "blank.png").write_bytes(_png_bytes(np.full((40, 40), 255, np.uint8)))
+    (sub / "six.png").write_bytes(png_bytes(img))
+    (sub / "blank.png").write_bytes(png_bytes(np.full((40, 40), 255, np.uint8)))
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really")
     return folder
 

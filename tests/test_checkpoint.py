@@ -17,7 +17,7 @@ import torch
 
 from tasks.config import TrainParams
 from tasks.train import CHECKPOINT_FORMAT, TrainResult, _fingerprint
-from tests.test_train import _run, run_interrupted
+from tests.training import run_interrupted, run_train
 
 EPOCHS = 2
 
@@ -34,7 +34,7 @@ class _Boom:
 @pytest.fixture(scope="module")
 def clean(tiny_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
     """The uninterrupted run every recovered run must equal."""
-    return _run(tiny_prepared, tmp_path_factory.mktemp("clean"), epochs=EPOCHS)
+    return run_train(tiny_prepared, tmp_path_factory.mktemp("clean"), epochs=EPOCHS)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_damaged_checkpoint_is_set_aside_and_training_starts_over(
     assert damage == "code-carrying pickle" or bad != checkpoint  # really damaged
 
     with caplog.at_level(logging.INFO, logger="tasks.train"):
-        result = _run(tiny_prepared, tmp_path, epochs=EPOCHS)
+        result = run_train(tiny_prepared, tmp_path, epochs=EPOCHS)
 
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
@@ -103,7 +103,7 @@ def test_intact_checkpoint_still_resumes(
 ):
     """The control for the damaged cases: the same bytes, undamaged, resume after epoch 1."""
     (tmp_path / "ckpt.pt").write_bytes(checkpoint)
-    result = _run(tiny_prepared, tmp_path, epochs=EPOCHS)
+    result = run_train(tiny_prepared, tmp_path, epochs=EPOCHS)
     assert result.resumed_from_epoch == 1 and result.history == clean.history
 
 
@@ -111,12 +111,12 @@ def test_checkpoint_from_an_older_digitflow_is_set_aside(
     tiny_prepared: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ):
     # this run's own checkpoint, but without the checksummed payload, as older versions wrote
-    params = TrainParams(epochs=1, batch_size=32, device="cpu")  # what _run trains
+    params = TrainParams(epochs=1, batch_size=32, device="cpu")  # what run_train trains
     data = (tiny_prepared / "train.npz", tiny_prepared / "val.npz")
     old = {"format": CHECKPOINT_FORMAT, "fingerprint": _fingerprint(params, *data), "epoch": 1}
     torch.save(old, tmp_path / "ckpt.pt")
     with caplog.at_level(logging.WARNING, logger="tasks.train"):
-        result = _run(tiny_prepared, tmp_path, epochs=1)
+        result = run_train(tiny_prepared, tmp_path, epochs=1)
     assert result.resumed_from_epoch == 0 and (tmp_path / "ckpt.pt.corrupt").is_file()
     assert "older digitflow" in caplog.records[0].getMessage()
 

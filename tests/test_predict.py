@@ -23,13 +23,13 @@ from flows import predict_cmd
 from tasks.model import ModelFileError, build_model, load_model, normalize_uint8, save_model
 from tasks.predict import Classifier, PredictUsageError, columns, expand_inputs, predict_paths
 from tasks.preprocess import naive_28, to_mnist
-from tests.test_preprocess import (
+from tests.images import (
     REFERENCES,
-    _hdr_bytes,
-    _png_bytes,
-    _png_header_only,
     big_glyph,
+    hdr_bytes,
     photo,
+    png_bytes,
+    png_header_only,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def write_png(path: Path, img: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(_png_bytes(img))
+    path.write_bytes(png_bytes(img))
     return path
 
 
@@ -130,7 +130,7 @@ def test_every_bad_input_gets_its_row(tmp_path: Path, model_file: Path) -> None:
     (d / "text.jpg").write_text("not an image")
     jpeg = cv2.imencode(".jpg", photo(big_glyph(4), np.random.default_rng(1), (120, 160)))[1]
     (d / "cut.jpg").write_bytes(jpeg.tobytes()[: len(jpeg) // 3])
-    (d / "cut.png").write_bytes(_png_bytes(REFERENCES[5])[:-30])
+    (d / "cut.png").write_bytes(png_bytes(REFERENCES[5])[:-30])
     (d / "folder.png").mkdir()
     write_png(d / "ünïcødé_数字.png", REFERENCES[8])
     write_png(d / "deep16.png", (255 - REFERENCES[9]).astype(np.uint16) * 257)
@@ -138,7 +138,7 @@ def test_every_bad_input_gets_its_row(tmp_path: Path, model_file: Path) -> None:
     rgba[..., 3] = cv2.resize(REFERENCES[6], (56, 56))
     write_png(d / "alpha.png", rgba)
     write_png(d / "blank.png", np.full((50, 50), 255, np.uint8))
-    (d / "huge.png").write_bytes(_png_header_only(20000, 20000))
+    (d / "huge.png").write_bytes(png_header_only(20000, 20000))
     write_png(d / ".hidden.png", REFERENCES[0])  # hidden files are skipped
     out = tmp_path / "pred.csv"
 
@@ -201,7 +201,7 @@ def test_non_utf8_file_names_round_trip(tmp_path: Path, model_file: Path) -> Non
     folder = tmp_path / "in"
     folder.mkdir()
     try:
-        (folder / os.fsdecode(raw)).write_bytes(_png_bytes(REFERENCES[4]))
+        (folder / os.fsdecode(raw)).write_bytes(png_bytes(REFERENCES[4]))
     except OSError:
         pytest.skip("this filesystem refuses non-UTF-8 names")
     for fmt in ("csv", "jsonl"):
@@ -335,7 +335,7 @@ def test_huge_hdr_is_an_error_row_in_bounded_memory(model_file: Path, tmp_path: 
     1.5 GB at the decoder's peak) is refused from its header, with a clear row."""
     folder = tmp_path / "in"
     folder.mkdir()
-    (folder / "huge.hdr").write_bytes(_hdr_bytes(8000, 8000))
+    (folder / "huge.hdr").write_bytes(hdr_bytes(8000, 8000))
     write_png(folder / "ok.png", REFERENCES[5])
     out, peak = tmp_path / "o.csv", tmp_path / "peak_kb"
     # VmHWM at exit, not ru_maxrss: that one survives exec, so it would count pytest itself
@@ -450,7 +450,7 @@ def test_interrupted_run_leaves_no_output(model_file: Path, tmp_path: Path) -> N
     """Ctrl-C in the middle of writing: no predictions file, no temp file left behind."""
     folder = tmp_path / "many"
     folder.mkdir()
-    data = _png_bytes(REFERENCES[3])
+    data = png_bytes(REFERENCES[3])
     for i in range(3):
         (folder / f"{i:05d}.png").write_bytes(data)
     out = tmp_path / "out" / "pred.csv"

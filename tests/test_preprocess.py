@@ -15,7 +15,6 @@ import os
 import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import cv2
@@ -34,65 +33,16 @@ from tasks.preprocess import (
     prepare_file,
     to_mnist,
 )
-
-BIG = 240  # side of the high-resolution glyph canvas
-
-
-def big_glyph(digit: int, angle: float = 0.0) -> np.ndarray:
-    """(240, 240) float32 ink coverage in 0..1 of a printed digit, centred, rotated by angle."""
-    canvas = np.zeros((BIG, BIG), np.uint8)
-    font, scale, thick = cv2.FONT_HERSHEY_DUPLEX, 6.0, 16
-    (w, h), _ = cv2.getTextSize(str(digit), font, scale, thick)
-    org = ((BIG - w) // 2, (BIG + h) // 2)
-    cv2.putText(canvas, str(digit), org, font, scale, 255, thick, cv2.LINE_AA)
-    if angle:
-        m = cv2.getRotationMatrix2D((BIG / 2, BIG / 2), angle, 1.0)
-        canvas = cv2.warpAffine(canvas, m, (BIG, BIG))
-    return canvas.astype(np.float32) / 255
-
-
-def mnist_reference(ink: np.ndarray) -> np.ndarray:
-    """MNIST's recipe on a clean ink image: crop, longer side to 20, centre of mass at 14."""
-    rows, cols = np.flatnonzero(ink.max(1) > 0.5), np.flatnonzero(ink.max(0) > 0.5)
-    crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    s = 20 / max(crop.shape)
-    size = (max(1, round(crop.shape[1] * s)), max(1, round(crop.shape[0] * s)))
-    small = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
-    ys, xs = np.mgrid[: small.shape[0], : small.shape[1]]
-    cy, cx = (small * ys).sum() / small.sum(), (small * xs).sum() / small.sum()
-    out = np.zeros((28, 28), np.float32)
-    oy, ox = round(14 - cy), round(14 - cx)
-    out[oy : oy + small.shape[0], ox : ox + small.shape[1]] = small
-    return np.clip(out * 255 + 0.5, 0, 255).astype(np.uint8)
-
-
-def photo(
-    ink: np.ndarray,
-    rng: np.random.Generator,
-    size: tuple[int, int] = (480, 640),
-    height_frac: float = 0.4,
-    lines: bool = False,
-    noise: float = 6.0,
-) -> np.ndarray:
-    """The glyph as dark ink on light paper: off-centre, scaled, shaded, noisy (ruled)."""
-    h, w = size
-    cover = np.zeros((h, w), np.float32)
-    if ink.max() > 0:
-        rows, cols = np.flatnonzero(ink.max(1) > 0.05), np.flatnonzero(ink.max(0) > 0.05)
-        ink = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-        k = height_frac * h / ink.shape[0]
-        ink = cv2.resize(ink, (max(1, round(ink.shape[1] * k)), max(1, round(ink.shape[0] * k))))
-        ih, iw = ink.shape
-        y0 = int(rng.integers(h // 20, h - ih - h // 20))
-        x0 = int(rng.integers(w // 20, w - iw - w // 20))
-        cover[y0 : y0 + ih, x0 : x0 + iw] = np.clip(ink, 0, 1)
-    yy, xx = np.mgrid[:h, :w].astype(np.float32)
-    paper = 215 + 20 * (xx / w - 0.5) - 15 * (yy / h - 0.5)  # uneven lighting
-    if lines:
-        for y in range(int(rng.integers(15, 30)), h, 32):  # ruled paper, pencil-grey lines
-            cv2.line(paper, (0, y), (w - 1, y), 130.0, 2)
-    img = paper * (1 - cover) + 35 * cover + rng.normal(0, noise, (h, w))
-    return np.clip(img, 0, 255).astype(np.uint8)
+from tests.images import (
+    BIG,
+    REFERENCES,
+    big_glyph,
+    hdr_bytes,
+    mnist_reference,
+    photo,
+    png_bytes,
+    png_header_only,
+)
 
 
 def iou(a: np.ndarray, b: np.ndarray, level: int = 100) -> float:
@@ -110,9 +60,6 @@ def center_of_mass(img: np.ndarray) -> tuple[float, float]:
     ys, xs = np.mgrid[:28, :28]
     w = img.astype(np.float64)
     return (w * ys).sum() / w.sum(), (w * xs).sum() / w.sum()
-
-
-REFERENCES = {d: mnist_reference(big_glyph(d)) for d in range(10)}
 
 
 @functools.lru_cache(maxsize=8)
@@ -438,7 +385,7 @@ def test_colour_is_decoded_within_bounds(tmp_path: Path) -> None:
     rgba[..., 2] = 200  # red where opaque
     rgba[20:40, 30:50, 3] = 255  # only a square is opaque
     path = tmp_path / "rgba.png"
-    path.write_bytes(_png_bytes(rgba))
+    path.write_bytes(png_bytes(rgba))
     img = load_image(path)
     assert img.shape == (60, 80, 3)
     assert (img[0, 0] == 255).all() and tuple(img[30, 40]) == (0, 0, 200)
@@ -461,19 +408,13 @@ def test_colour_is_decoded_within_bounds(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- decoding
 
 
-def _png_bytes(img: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", img)
-    assert ok
-    return buf.tobytes()
-
-
 def test_alpha_is_composited_onto_white(tmp_path: Path) -> None:
     """Transparent pixels are paper even when their colour bytes are black."""
     ink = big_glyph(4)
     rgba = np.zeros((BIG, BIG, 4), np.uint8)  # BGR all black everywhere
     rgba[..., 3] = (ink * 255).astype(np.uint8)  # only the digit is opaque
     path = tmp_path / "alpha.png"
-    path.write_bytes(_png_bytes(rgba))
+    path.write_bytes(png_bytes(rgba))
     gray = load_gray(path)
     assert gray[0, 0] == 255 and gray.min() < 10  # paper white, digit black
     assert nearest_digit(to_mnist(gray)) == 4
@@ -482,7 +423,7 @@ def test_alpha_is_composited_onto_white(tmp_path: Path) -> None:
 def test_16_bit_images_read_like_8_bit(tmp_path: Path) -> None:
     img8 = photo(big_glyph(6), np.random.default_rng(2), (240, 320))
     path = tmp_path / "deep.png"
-    path.write_bytes(_png_bytes(img8.astype(np.uint16) * 257))
+    path.write_bytes(png_bytes(img8.astype(np.uint16) * 257))
     gray = load_gray(path)
     assert gray.dtype == np.uint8
     assert np.abs(gray.astype(int) - img8).max() <= 1
@@ -520,25 +461,6 @@ def test_header_dimensions_without_decoding(ext: str) -> None:
         assert decoded.nbytes <= 53 * 37 * channels * sample_bytes
 
 
-def _hdr_bytes(width: int, height: int, pixels: bool = True) -> bytes:
-    """A valid Radiance HDR of flat 0.5 grey, run-length encoded: ~4 MB for 8000x8000.
-
-    Decoded (float32 BGR) it is 12 bytes a pixel: 768 MB for 8000x8000.
-    """
-    header = b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n" + f"-Y {height} +X {width}\n".encode()
-    if not pixels:
-        return header
-    runs = bytearray()
-    for value in (128, 128, 128, 128):  # R, G, B mantissas and the exponent: 0.5
-        left = width
-        while left:
-            n = min(127, left)
-            runs += bytes((128 + n, value))  # a run of n times value
-            left -= n
-    scanline = bytes((2, 2, width >> 8, width & 0xFF)) + runs  # new-style RLE scanline
-    return header + scanline * height
-
-
 def _bigtiff_bytes(width: int, height: int, pixels: bytes = b"") -> bytes:
     """A little-endian BigTIFF: one 8-bit gray strip of ``pixels`` (may claim any size)."""
     entries = [  # (tag, type, value): ImageWidth, ImageLength, BitsPerSample, Compression,
@@ -555,7 +477,7 @@ def _bigtiff_bytes(width: int, height: int, pixels: bytes = b"") -> bytes:
 
 def test_hdr_and_bigtiff_helpers_are_real_images() -> None:
     """The crafted files below are what OpenCV decodes, so their sizes are real."""
-    hdr = cv2.imdecode(np.frombuffer(_hdr_bytes(200, 100), np.uint8), cv2.IMREAD_UNCHANGED)
+    hdr = cv2.imdecode(np.frombuffer(hdr_bytes(200, 100), np.uint8), cv2.IMREAD_UNCHANGED)
     assert hdr.shape == (100, 200, 3) and hdr.dtype == np.float32 and np.all(hdr == 0.5)
     strip = bytes(range(60))
     tiff = cv2.imdecode(np.frombuffer(_bigtiff_bytes(10, 6, strip), np.uint8), -1)
@@ -567,9 +489,9 @@ def test_hdr_and_bigtiff_helpers_are_real_images() -> None:
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [
-        ("huge.hdr", _hdr_bytes(8000, 8000, False), "too large: 8000x8000 HDR (64 MP"),
+        ("huge.hdr", hdr_bytes(8000, 8000, False), "too large: 8000x8000 HDR (64 MP"),
         # 16 MP: under the pixel limit, but float32 RGB and a copy: 384 MB to decode
-        ("big.hdr", _hdr_bytes(4000, 4000, False), "too large: 4000x4000 HDR (16 MP, ~384 MB"),
+        ("big.hdr", hdr_bytes(4000, 4000, False), "too large: 4000x4000 HDR (16 MP, ~384 MB"),
         ("huge.tiff", _bigtiff_bytes(100_000, 100_000, bytes(64)), "100000x100000 TIFF"),
     ],
     ids=["8000x8000-hdr", "4000x4000-hdr", "100000x100000-bigtiff"],
@@ -585,11 +507,11 @@ def test_headers_read_for_hdr_and_bigtiff(tmp_path: Path, name: str, content: by
 def test_decode_memory_is_bounded_by_bytes_not_pixels(tmp_path: Path) -> None:
     """25 MP is under the pixel limit; as 16-bit RGBA it is 400 MB to decode, as gray 50 MB."""
     rgba16 = tmp_path / "rgba16.png"
-    rgba16.write_bytes(_png_header_only(5000, 5000, depth=16, colour=6))
+    rgba16.write_bytes(png_header_only(5000, 5000, depth=16, colour=6))
     with pytest.raises(ImageError, match=r"too large: 5000x5000 PNG \(25 MP, ~400 MB"):
         load_gray(rgba16)
     gray8 = tmp_path / "gray8.png"
-    gray8.write_bytes(_png_header_only(5000, 5000))
+    gray8.write_bytes(png_header_only(5000, 5000))
     with pytest.raises(ImageError, match="corrupt or truncated PNG"):  # not refused by size
         load_gray(gray8)
 
@@ -632,7 +554,7 @@ def test_opencv_limit_backs_up_unparsed_headers(tmp_path: Path) -> None:
     take 1.5 GB to decode; OpenCV refuses it from its own header read.
     """
     path = tmp_path / "huge.hdr"
-    path.write_bytes(_hdr_bytes(8000, 8000))
+    path.write_bytes(hdr_bytes(8000, 8000))
     code = (
         "import os, re, sys\n"
         "from pathlib import Path\n"
@@ -657,17 +579,9 @@ def test_opencv_limit_backs_up_unparsed_headers(tmp_path: Path) -> None:
     assert int(peak_kb) < 200 * 1024  # 1.5 GB if decoded
 
 
-def _png_header_only(width: int, height: int, depth: int = 8, colour: int = 0) -> bytes:
-    """A PNG signature + IHDR claiming ``width`` x ``height``, and no pixel data."""
-    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
-    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr
-    chunk += struct.pack(">I", zlib.crc32(b"IHDR" + ihdr) & 0xFFFFFFFF)
-    return b"\x89PNG\r\n\x1a\n" + chunk
-
-
 def test_huge_png_is_refused_from_its_header(tmp_path: Path) -> None:
     path = tmp_path / "huge.png"
-    path.write_bytes(_png_header_only(20000, 20000))  # would be 400 MB decoded
+    path.write_bytes(png_header_only(20000, 20000))  # would be 400 MB decoded
     with pytest.raises(ImageError, match="too large: 20000x20000"):
         load_gray(path)
 
@@ -722,14 +636,14 @@ def test_folders_missing_files_and_fifos_are_errors(tmp_path: Path) -> None:
 
 def test_unicode_file_name(tmp_path: Path) -> None:
     path = tmp_path / "цифра_数字_é.png"
-    path.write_bytes(_png_bytes(255 - REFERENCES[8]))
+    path.write_bytes(png_bytes(255 - REFERENCES[8]))
     result = prepare_file(path)
     assert result.status == "ok" and np.array_equal(result.image, REFERENCES[8])
 
 
 def test_blank_file_is_empty_not_error(tmp_path: Path) -> None:
     path = tmp_path / "blank.png"
-    path.write_bytes(_png_bytes(np.full((60, 80), 250, np.uint8)))
+    path.write_bytes(png_bytes(np.full((60, 80), 250, np.uint8)))
     result = prepare_file(path)
     assert (result.status, result.image) == ("empty", None)
     assert "no ink" in result.message
@@ -738,7 +652,7 @@ def test_blank_file_is_empty_not_error(tmp_path: Path) -> None:
 def test_no_preprocess_only_resizes(tmp_path: Path) -> None:
     img = photo(big_glyph(0), np.random.default_rng(4), (120, 160))
     path = tmp_path / "photo.png"
-    path.write_bytes(_png_bytes(img))
+    path.write_bytes(png_bytes(img))
     result = prepare_file(path, preprocess=False)
     assert result.status == "ok"
     assert np.array_equal(result.image, naive_28(img))

@@ -9,17 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.config import NormalizeParams, TrainParams
+from tasks.config import NormalizeParams
 from tasks.model import SeedCNN, load_model
-from tasks.train import init_weights, train
-
-
-def _run(prepared: Path, out: Path, **kw) -> object:
-    params = TrainParams(**{"epochs": 2, "batch_size": 32, "device": "cpu", **kw})
-    return train(
-        prepared / "train.npz", prepared / "val.npz", out / "model.pt", out / "live",
-        out / "ckpt.pt", params, progress=False,
-    )  # fmt: skip
+from tasks.train import init_weights
+from tests.training import run_interrupted, run_train
 
 
 def test_seed_cnn_shapes():
@@ -34,7 +27,7 @@ def test_seed_cnn_shapes():
 
 @pytest.mark.training
 def test_loss_goes_down_and_model_file_is_self_describing(tiny_prepared: Path, tmp_path: Path):
-    result = _run(tiny_prepared, tmp_path, epochs=3, batch_size=16, lr=3e-3,
+    result = run_train(tiny_prepared, tmp_path, epochs=3, batch_size=16, lr=3e-3,
                   normalize=NormalizeParams(0.1307, 0.3081))  # fmt: skip
     losses = [r["loss"] for r in result.history]
     assert losses[-1] < losses[0] * 0.7, losses
@@ -106,7 +99,7 @@ def test_keep_best_saves_the_best_validation_epoch(
     import tasks.train as tr
 
     # the weights after epoch 1 (constant learning rate: the first epoch is the same in any run)
-    one = load_model(_run(tiny_prepared, tmp_path / "one", epochs=1, keep="last").model_path)
+    one = load_model(run_train(tiny_prepared, tmp_path / "one", epochs=1, keep="last").model_path)
 
     # make validation say epoch 1 was the best of three: the real accuracy, scaled down later
     real, calls = tr.evaluate_arrays, []
@@ -117,9 +110,9 @@ def test_keep_best_saves_the_best_validation_epoch(
         return loss, acc / len(calls), pred
 
     monkeypatch.setattr(tr, "evaluate_arrays", worse_after_first)
-    best = _run(tiny_prepared, tmp_path / "best", epochs=3, keep="best")
+    best = run_train(tiny_prepared, tmp_path / "best", epochs=3, keep="best")
     calls.clear()
-    last = _run(tiny_prepared, tmp_path / "last", epochs=3, keep="last")
+    last = run_train(tiny_prepared, tmp_path / "last", epochs=3, keep="last")
     assert [r["epoch"] for r in best.history] == [1, 2, 3]  # every epoch still trained and logged
     kept, final = load_model(best.model_path), load_model(last.model_path)
     assert kept.metrics["epoch"] == 1 and final.metrics["epoch"] == 3
@@ -143,9 +136,9 @@ def test_keep_best_saves_the_best_validation_epoch(
 
 
 def test_same_seed_same_numbers(tiny_prepared: Path, tmp_path: Path):
-    a = _run(tiny_prepared, tmp_path / "a", epochs=1)
-    b = _run(tiny_prepared, tmp_path / "b", epochs=1)
-    c = _run(tiny_prepared, tmp_path / "c", epochs=1, seed=1)
+    a = run_train(tiny_prepared, tmp_path / "a", epochs=1)
+    b = run_train(tiny_prepared, tmp_path / "b", epochs=1)
+    c = run_train(tiny_prepared, tmp_path / "c", epochs=1, seed=1)
     assert a.history == b.history
     assert a.history != c.history
     wa = load_model(a.model_path).model.state_dict()
@@ -157,37 +150,13 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-class Stop(Exception):
-    """The simulated crash."""
-
-
-def run_interrupted(prepared: Path, out: Path, after_epochs: int, **kw) -> None:
-    """Train like _run, but "die" during epoch ``after_epochs + 1``: its checkpoint is on disk."""
-    import tasks.train as tr
-
-    real, calls = tr.train_epoch, []
-
-    def crash_later(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > after_epochs:
-            raise Stop
-        return real(*args, **kwargs)
-
-    # fault injection: the real run, with the process "killed" in the middle of an epoch
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(tr, "train_epoch", crash_later)
-        with pytest.raises(Stop):
-            _run(prepared, out, **kw)
-    assert not (out / "model.pt").exists() and (out / "ckpt.pt").is_file()
-
-
 def test_interrupted_run_resumes_to_the_same_bytes(tiny_prepared: Path, tmp_path: Path):
     # keep=best with a constant lr: epoch 3's weights are kept only if its val is the best
-    full = _run(tiny_prepared, tmp_path / "full", epochs=3)
+    full = run_train(tiny_prepared, tmp_path / "full", epochs=3)
     part = tmp_path / "part"
     run_interrupted(tiny_prepared, part, after_epochs=2, epochs=3)
 
-    resumed = _run(tiny_prepared, part, epochs=3)
+    resumed = run_train(tiny_prepared, part, epochs=3)
     assert resumed.resumed_from_epoch == 2
     assert resumed.history == full.history  # resuming gives exactly the uninterrupted numbers
     assert resumed.kept == full.kept  # the best epoch so far travels in the checkpoint
@@ -199,8 +168,8 @@ def test_interrupted_run_resumes_to_the_same_bytes(tiny_prepared: Path, tmp_path
 
 
 def test_checkpoint_of_another_run_is_ignored(tiny_prepared: Path, tmp_path: Path):
-    first = _run(tiny_prepared, tmp_path, epochs=1)
+    first = run_train(tiny_prepared, tmp_path, epochs=1)
     torch.save({"format": "digitflow-train-checkpoint", "fingerprint": "other", "epoch": 1},
                tmp_path / "ckpt.pt")  # fmt: skip
-    again = _run(tiny_prepared, tmp_path, epochs=1)
+    again = run_train(tiny_prepared, tmp_path, epochs=1)
     assert again.resumed_from_epoch == 0 and again.history == first.history
