@@ -16,6 +16,8 @@ from typing import Annotated, Any
 
 import typer
 
+from flows.signals import sigterm_unwinds
+
 app = typer.Typer(
     help="digitflow: handwritten-digit recognition as a reproducible pipeline.",
     no_args_is_help=True,
@@ -75,7 +77,8 @@ def _main(
 
 
 def _fail_cleanly(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Known failures become one clear line on stderr and exit 1 (2 for bad params)."""
+    """Known failures become one clear line on stderr: exit 2 for expected errors (bad
+    params, no source of the data reachable), 1 for a failure of the work itself."""
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -85,11 +88,14 @@ def _fail_cleanly(func: Callable[..., Any]) -> Callable[..., Any]:
 
         try:
             return func(*args, **kwargs)
-        except ParamsError as exc:
+        # DownloadError: no source configured, none reachable or none with the right files
+        # (the message names each one and why), or a bad checksum file: what the command
+        # was pointed at is wrong, not the work.
+        except (ParamsError, DownloadError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from exc
         # ValueError covers ModelFileError too, without importing torch for light commands
-        except (DownloadError, IdxError, FileNotFoundError, ValueError) as exc:
+        except (IdxError, FileNotFoundError, ValueError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from exc
 
@@ -238,9 +244,14 @@ app.command("serve")(flow_cmds.serve)
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point.
+
+    SIGTERM unwinds like Ctrl-C, for every command (flows/signals.py): temp files of
+    half-written outputs are removed, and the exit code is 143, as for a killed process.
+    """
     quiet_temporary_server()  # before any command imports Prefect
-    app()
+    with sigterm_unwinds():
+        app()
 
 
 if __name__ == "__main__":

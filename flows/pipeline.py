@@ -9,9 +9,12 @@ because the stages before it are up to date in dvc.lock.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -43,8 +46,15 @@ def eval_path(model: str, file: str) -> str:
     return f"{EVAL_DIR.format(model=model)}/{file}"
 
 
-# The stage with Prefect-level retries: the only one that talks to the network.
-RETRIED_STAGE = "download"
+# dvc.yaml `meta` key marking a stage that talks to the network (today: download). The flow
+# gives such stages Prefect-level retries (params.yaml pipeline.download_retries): a server
+# may come back, a local step that failed will fail again. Read from dvc.yaml, the one
+# definition of the DAG, not named here: DVC has no notion of "network stage" of its own
+# (a stage's deps are the repo's files, its cmd is opaque text) and ignores `meta`.
+NETWORK_META = "network"
+# Seconds a stopped stage's DVC process gets to end after SIGTERM before SIGKILL: it has no
+# handler and ends at once; this bounds only a DVC that is stuck.
+STOP_GRACE_S = 10
 # Lines of a failed stage's output quoted in the exception (the full output is in the logs).
 ERROR_TAIL_LINES = 40
 # Champion tags written by the retrain flow: model@v1, model@v2, ...
@@ -64,6 +74,7 @@ class Stage:
     name: str  # the stage name in dvc.yaml: the Prefect task name
     target: str  # DVC's address for `dvc repro` (``name``, or ``sub/dvc.yaml:name``)
     upstream: tuple[str, ...]  # names of the stages it depends on
+    network: bool = False  # dvc.yaml `meta: {network: true}`: retried by the flow
 
 
 def stage_graph(root: Path) -> list[Stage]:
@@ -83,6 +94,7 @@ def stage_graph(root: Path) -> list[Stage]:
                 name=_stage_name(stage),
                 target=_stage_target(stage, root),
                 upstream=tuple(_stage_name(dep) for dep in graph.successors(stage) if dep.cmd),
+                network=bool((stage.meta or {}).get(NETWORK_META, False)),
             )
             for stage in order
             if stage.cmd
@@ -141,13 +153,91 @@ def _without_push_hint(output: str) -> str:
     return "\n".join(line for line in output.splitlines() if line.strip() != DVC_PUSH_HINT)
 
 
-def _stage_status(output: str, target: str) -> str:
-    """What DVC did: 'skipped' (up to date), 'restored' (run-cache) or 'ran'."""
-    if f"'{target}' didn't change, skipping" in output:
-        return "skipped"
-    if "is cached - skipping run" in output or "from run-cache" in output:
+def repro_status(root: str | Path, target: str) -> str:
+    """What ``dvc repro --single-item <target>`` is about to do, asked of DVC's API.
+
+    'skipped' (up to date), 'restored' (outputs checked out of the run cache) or 'ran'.
+    The same checks, in the same order, as DVC's ``Stage.reproduce`` and ``run_stage``:
+    ``Stage.changed()``, then ``StageCache.restore(dry=True)`` (no checkout). Asked under
+    the repo's lock right before the stage runs: DVC then decides the same way, unless
+    someone edits the workspace in between.
+    """
+    root = Path(root).resolve()  # absolute: _repro_status changes into it
+    # A dry restore still logs "is cached - skipping run, checking out outputs": not true
+    # of a dry run, and the stage's own log (dvc repro's output) says it when it happens.
+    cache_log = logging.getLogger("dvc.stage.cache")
+    level = cache_log.level
+    cache_log.setLevel(logging.WARNING)
+    try:
+        return _repro_status(root, target)
+    finally:
+        cache_log.setLevel(level)
+
+
+def _repro_status(root: Path, target: str) -> str:
+    from dvc.dependency.base import DependencyDoesNotExistError
+    from dvc.repo import Repo
+    from dvc.stage.cache import RunCacheNotFoundError
+    from dvc_data.hashfile.hash_info import HashInfo
+
+    # From the repo's root, as the `dvc` command always runs: DVC's run-cache lookup builds
+    # the cached stage from a path relative to the cwd (StageCache._create_stage), and from
+    # elsewhere it fails. The flow runs its stages one after another, in this thread.
+    with contextlib.chdir(root), Repo(str(root)) as repo, repo.lock:
+        stage = next(s for s in repo.index.stages if _stage_target(s, root) == target)
+        if not stage.changed():
+            return "skipped"
+        try:
+            if not stage.deps_cached():
+                # The deps differ from dvc.lock. A real restore() then looks the run cache
+                # up by their current hashes (it saves them, in memory, first; a dry one
+                # does not, so `dvc repro --dry` looks up dvc.lock's), and dvc.lock's
+                # outputs, made from the old deps, are no answer.
+                stage.save_deps()
+                for out in stage.outs:
+                    out.hash_info = HashInfo()
+            repo.stage_cache.restore(stage, dry=True)
+        except RunCacheNotFoundError:
+            return "ran"
+        except DependencyDoesNotExistError:
+            # `dvc repro` fails the same way, and its output (the StageFailed message)
+            # says which; the status of a failed stage is never reported.
+            return "ran"
         return "restored"
-    return "ran"
+
+
+def _run_stoppable(cmd: list[str], cwd: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``subprocess.run`` (output captured), except that a stop reaches the whole stage.
+
+    When the flow is stopped (SIGTERM, which digitflow's CLI and Prefect turn into an
+    exception, or Ctrl-C), ``subprocess.run`` would SIGKILL its child, DVC, alone: the
+    stage command DVC started would run on, orphaned, and a stopped one never removes its
+    temp files. Started in a process group of its own, every process of the stage gets
+    SIGTERM instead (a digitflow command unwinds and removes its temp files); DVC, which
+    does not handle SIGTERM, ends at once, and is killed if it has not after STOP_GRACE_S.
+    """
+    with subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own process group, apart from the terminal's too
+    ) as proc:  # fmt: skip
+        try:
+            stdout, stderr = proc.communicate()
+        except BaseException:
+            _stop_group(proc)
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return  # every process of the group has ended already
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 @task(cache_policy=NO_CACHE)  # DVC decides what is up to date, not Prefect
@@ -155,17 +245,13 @@ def run_stage(root: str, target: str, dvc_push_hint: bool = True) -> dict[str, A
     """Reproduce one stage with ``dvc repro --single-item``; raise StageFailed on failure.
 
     ``dvc_push_hint=False`` leaves DVC's "Use `dvc push`" line out of the logged output.
+    The status returned is what DVC's API said the stage needed (repro_status), not a
+    reading of DVC's messages.
     """
     logger = get_run_logger()
+    status = repro_status(root, target)
     start = time.perf_counter()
-    proc = subprocess.run(
-        dvc_command("repro", "--single-item", target),
-        cwd=root,
-        env=dvc_env(root),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    proc = _run_stoppable(dvc_command("repro", "--single-item", target), root, dvc_env(root))
     seconds = time.perf_counter() - start
     output = _clean_output(proc.stdout + "\n" + proc.stderr)
     if not dvc_push_hint:
@@ -174,7 +260,6 @@ def run_stage(root: str, target: str, dvc_push_hint: bool = True) -> dict[str, A
         tail = "\n".join(output.splitlines()[-ERROR_TAIL_LINES:])
         logger.error("stage %s failed (exit %d):\n%s", target, proc.returncode, output)
         raise StageFailed(f"stage {target!r} failed (exit {proc.returncode}):\n{tail}")
-    status = _stage_status(output, target)
     logger.info("stage %s %s in %.1f s\n%s", target, status, seconds, output)
     return {"stage": target, "status": status, "seconds": round(seconds, 3)}
 
@@ -333,7 +418,7 @@ def training_pipeline(
     results = []
     for stage in stages:
         options: dict[str, Any] = {"name": stage.name, "task_run_name": stage.name}
-        if stage.name == RETRIED_STAGE and params.pipeline.download_retries > 0:
+        if stage.network and params.pipeline.download_retries > 0:
             options["retries"] = params.pipeline.download_retries
             options["retry_delay_seconds"] = exponential_backoff(
                 backoff_factor=params.pipeline.retry_delay_s

@@ -2,14 +2,41 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
+from tasks.download import MNIST_FILES, MNIST_SIZES
 
 runner = CliRunner()
+DIGITFLOW = str(Path(sys.executable).parent / "digitflow")  # the console script: main()
+# Bounds on waiting for a subprocess that should have long finished: a hang fails the test
+# instead of blocking the suite (not a speed assertion: normal runs take a few seconds).
+HANG_S = 120
+POLL_S = 0.05  # how often to look for the download's temp file
+
+
+def _download_cmd(tmp_path: Path, mirror: str) -> tuple[list[str], dict[str, str]]:
+    """`digitflow download` from ``mirror`` only (one attempt per location), and its env."""
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"download": {"mirrors": [], "retries": 1}}))
+    env = {k: v for k, v in os.environ.items() if k != "DIGITFLOW_MNIST_CHECKSUMS"}
+    env["MNIST_MIRROR"] = mirror
+    cmd = [DIGITFLOW, "download", "--out", str(tmp_path / "raw"), "--params", str(params)]
+    return cmd, env
 
 
 def test_bad_params_exit_2_naming_the_key(tmp_path: Path):
@@ -28,7 +55,7 @@ def test_download_all_sources_failing_is_one_clear_error(tmp_path: Path, monkeyp
     result = runner.invoke(
         app, ["download", "--out", str(tmp_path / "raw"), "--params", str(params)]
     )
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # what the command was pointed at is wrong, not the work
     assert "MNIST_MIRROR" in result.output and str(tmp_path / "missing") in result.output
 
 
@@ -63,3 +90,92 @@ def test_unknown_recipe_exits_2_before_any_work(tmp_path: Path):
     assert result.exit_code == 2
     assert "train.fast: no such recipe" in result.output and "seed" in result.output
     assert not model.exists()
+
+
+def test_download_from_an_unreachable_server_is_one_line_and_exit_2(tmp_path: Path):
+    # a port bound but not listening: connections to it are refused, and nobody else can
+    # take it while the test runs
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        mirror = f"http://127.0.0.1:{closed.getsockname()[1]}/"
+        cmd, env = _download_cmd(tmp_path, mirror)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=HANG_S)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors == proc.stderr.splitlines()[-1:], proc.stderr
+    assert mirror in errors[0] and "unreachable" in errors[0]
+    assert not any((tmp_path / "raw").iterdir())  # nothing half-written left behind
+
+
+class _Drip(BaseHTTPRequestHandler):
+    """Serves MNIST's training images: a valid header and a first block, then a byte at a
+    time, forever (until the client goes away or the server stops)."""
+
+    stop = threading.Event()
+
+    def do_GET(self) -> None:
+        name = MNIST_FILES["train_images"]
+        self.send_response(200)
+        self.send_header("Content-Length", str(MNIST_SIZES[name]))
+        self.end_headers()
+        # IDX header of 60,000 28x28 images, then more than a write buffer of pixels, so the
+        # temp file has bytes on disk
+        self.wfile.write(struct.pack(">4sIII", b"\0\0\x08\x03", 60_000, 28, 28))
+        self.wfile.write(bytes(64 * 1024))
+        self.wfile.flush()
+        while not self.stop.wait(POLL_S):
+            try:
+                self.wfile.write(b"\0")
+                self.wfile.flush()
+            except OSError:  # the client hung up: the end of this request
+                return
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # the test asserts on the client, not on the server's access log
+
+
+@pytest.fixture
+def dripping_server() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Drip)
+    server.daemon_threads = True
+    _Drip.stop.clear()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        _Drip.stop.set()
+        server.shutdown()
+        server.server_close()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # removed since it was listed: the poll then says why
+        return 0
+
+
+def test_sigterm_mid_download_removes_the_temp_file_and_exits_143(
+    tmp_path: Path, dripping_server: str
+):
+    cmd, env = _download_cmd(tmp_path, dripping_server)
+    out = tmp_path / "raw"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # the known point: a temp file with downloaded bytes in it, the download under way
+        deadline = time.monotonic() + HANG_S
+        while not any(_size(p) for p in out.glob(".*.tmp")):
+            assert proc.poll() is None, f"exited {proc.returncode}: {proc.communicate()}"
+            assert time.monotonic() < deadline, "no temp file appeared"
+            time.sleep(POLL_S)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=HANG_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr
+    assert list(out.iterdir()) == []  # no temp file, no partial file

@@ -29,6 +29,8 @@ from flows.pipeline import (
     ARTIFACT_CONFUSION,
     ARTIFACT_METRICS,
     ARTIFACT_PER_CLASS,
+    NETWORK_META,
+    repro_status,
     stage_graph,
     training_pipeline,
 )
@@ -228,6 +230,104 @@ def test_stage_graph_is_read_from_dvc_yaml_and_picks_up_new_stages(tmp_path: Pat
     assert names.index("download") < names.index("split") < names.index("train@seed")
 
 
+def _mini_repo(where: Path, stages: dict[str, Any]) -> Path:
+    """A git + DVC repo of cheap shell stages (no project code), this project's params.yaml."""
+    where.mkdir(parents=True)
+    shutil.copy(PROJECT / "params.yaml", where / "params.yaml")
+    _edit_params(where, pipeline={"download_retries": 2, "retry_delay_s": 0.1})
+    (where / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    _run(where, "git", "init", "-q", "-b", "main")
+    _dvc(where, "init", "-q")
+    return where
+
+
+def test_network_stages_are_the_ones_dvc_yaml_marks(tmp_path: Path) -> None:
+    """The flow's retried stages come from dvc.yaml `meta`, not from a name in the code."""
+    repo = make_repo(tmp_path / "repo")
+    assert [s.name for s in stage_graph(repo) if s.network] == ["download"]
+    dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
+    del dvc_yaml["stages"]["download"]["meta"][NETWORK_META]
+    dvc_yaml["stages"]["split"]["meta"] = {NETWORK_META: True}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+    assert [s.name for s in stage_graph(repo) if s.network] == ["split"]
+
+
+# the stage's command logs each real run to runs.log (not a DVC output): ground truth for
+# whether `dvc repro` ran it, independent of DVC's messages
+COPY_STAGE = {"cmd": "echo run >> runs.log && cp in.txt out.txt", "deps": ["in.txt"],
+              "outs": ["out.txt"]}  # fmt: skip
+
+
+def test_repro_status_predicts_what_dvc_repro_then_does(tmp_path: Path) -> None:
+    repo = _mini_repo(tmp_path / "repo", {"copy": COPY_STAGE})
+    runs, lock, out = repo / "runs.log", repo / "dvc.lock", repo / "out.txt"
+
+    def text(path: Path) -> str:
+        return path.read_text() if path.exists() else ""
+
+    def step() -> tuple[str, str]:
+        """(predicted status, what `dvc repro --single-item copy` then did)."""
+        predicted = repro_status(repo, "copy")
+        runs_before, lock_before, had_out = text(runs), text(lock), out.exists()
+        _dvc(repo, "repro", "--single-item", "copy")
+        assert out.read_text() == (repo / "in.txt").read_text()
+        if text(runs) != runs_before:
+            return predicted, "ran"
+        if text(lock) != lock_before or not had_out:  # outputs back, the command not run
+            return predicted, "restored"
+        return predicted, "skipped"
+
+    seen = []
+    for content, remove_out in [("a", False), ("a", False), ("b", False), ("a", False),
+                                ("a", True)]:  # fmt: skip
+        (repo / "in.txt").write_text(content)
+        if remove_out:
+            out.unlink()
+        predicted, did = step()
+        assert predicted == did, f"step {len(seen)} (in.txt={content!r}): {predicted} != {did}"
+        seen.append(did)
+    # new content runs, unchanged is skipped, content seen before comes from the run cache,
+    # and so does a deleted output
+    assert seen == ["ran", "skipped", "ran", "restored", "restored"]
+
+
+def test_flow_retries_the_network_stages_only_and_reports_their_status(
+    prefect_api: None, tmp_path: Path
+) -> None:
+    fetch = {  # fails on its first attempt only (a server that comes back)
+        "cmd": "test -f tried || { touch tried; exit 1; }; cp in.txt fetched.txt",
+        "meta": {NETWORK_META: True},
+        "deps": ["in.txt"],
+        "outs": ["fetched.txt"],
+    }
+    build = {"cmd": "exit 3", "deps": ["fetched.txt"], "outs": ["built.txt"]}
+    repo = _mini_repo(tmp_path / "repo", {"build": build, "fetch": fetch})
+    (repo / "in.txt").write_text("a")
+
+    state = training_pipeline(root=str(repo), return_state=True)
+
+    assert state.is_failed() and "stage 'build' failed" in state.message
+    runs = {r.name: r for r in _task_runs(state.state_details.flow_run_id)}
+    assert list(runs) == ["fetch", "build"]  # dependency order, not dvc.yaml order
+    assert runs["fetch"].run_count == 2 and runs["fetch"].state.is_completed()
+    assert runs["build"].run_count == 1  # not marked: not retried
+    assert runs["build"].empirical_policy.retries in (0, None)
+
+    # the status of each stage as DVC saw it: fixed build runs, then is up to date
+    build["cmd"] = "cp fetched.txt built.txt"
+    (repo / "dvc.yaml").write_text(
+        yaml.safe_dump({"stages": {"build": build, "fetch": fetch}}, sort_keys=False)
+    )
+    state = training_pipeline(root=str(repo), return_state=True)
+    assert state.is_completed(), state.message
+    assert {r["stage"]: r["status"] for r in state.result()} == {"fetch": "skipped", "build": "ran"}
+    (repo / "built.txt").unlink()
+    state = training_pipeline(root=str(repo), return_state=True)
+    assert {r["stage"]: r["status"] for r in state.result()} == {
+        "fetch": "skipped", "build": "restored",
+    }  # fmt: skip
+
+
 # --- the training pipeline flow ------------------------------------------------------
 
 
@@ -337,6 +437,55 @@ def test_pipeline_runs_stages_in_order_resumes_after_a_failure_and_skips_when_up
     # 3. nothing changed: every stage is skipped
     again = training_pipeline(root=str(repo), return_state=True)
     assert {r["status"] for r in again.result()} == {"skipped"}
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # the state field follows "(comm)"
+
+
+def test_sigterm_to_digitflow_run_stops_the_stage_command_too(
+    prefect_api: None, tmp_path: Path
+) -> None:
+    """Not only DVC: the stage command it started (a digitflow command) would run on."""
+    from prefect.settings import PREFECT_API_URL
+
+    # the shell execs sleep: the pid written is the stage command's own
+    stage = {"cmd": "echo $$ > stage.pid && exec sleep 600", "outs": ["never.txt"]}
+    repo = _mini_repo(tmp_path / "repo", {"slow": stage})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "ph")}
+    proc = subprocess.Popen(
+        [str(Path(BIN) / "digitflow"), "run", "--root", str(repo)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    pid_file = repo / "stage.pid"
+    try:
+        deadline = time.monotonic() + 120  # CLI start-up, flow run, dvc start-up: a hang guard
+        while not (pid_file.exists() and pid_file.read_text().strip()):
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "the stage never started"
+            time.sleep(POLL_S)
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stage_pid = int(pid_file.read_text())
+    try:
+        assert proc.returncode == 128 + signal.SIGTERM, output
+        deadline = time.monotonic() + 30  # SIGTERM ends sleep at once: a bound, not a timing
+        while _running(stage_pid) and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+        assert not _running(stage_pid), "the stage command runs on after the flow was stopped"
+    finally:
+        if _running(stage_pid):
+            os.kill(stage_pid, signal.SIGKILL)  # the sleep this test started
 
 
 # --- retraining: champion / challenger -------------------------------------------------
