@@ -77,12 +77,15 @@ def _main(
 
 
 def _fail_cleanly(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Known failures become one clear line on stderr: exit 2 for expected errors (bad
-    params, no source of the data reachable), 1 for a failure of the work itself."""
+    """The CLI's error policy. Expected errors (bad params, a path that is not there, a
+    model file that is not ours, no data source reachable) are one line on stderr and
+    exit 2; a failure of the work on its data (a malformed IDX or dataset file) is one
+    line and exit 1; anything else is a bug and keeps its traceback."""
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from tasks.config import ParamsError
+        from tasks.data import DatasetError
         from tasks.download import DownloadError
         from tasks.idx import IdxError
 
@@ -91,13 +94,20 @@ def _fail_cleanly(func: Callable[..., Any]) -> Callable[..., Any]:
         # DownloadError: no source configured, none reachable or none with the right files
         # (the message names each one and why), or a bad checksum file: what the command
         # was pointed at is wrong, not the work.
-        except (ParamsError, DownloadError) as exc:
+        except (ParamsError, DownloadError, FileNotFoundError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from exc
-        # ValueError covers ModelFileError too, without importing torch for light commands
-        except (IdxError, FileNotFoundError, ValueError) as exc:
+        except (IdxError, DatasetError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from exc
+        except ValueError as exc:
+            # ModelFileError, without importing torch (tasks.model) for the light commands:
+            # a command that raised it has loaded tasks.model already
+            model = sys.modules.get("tasks.model")
+            if model is None or not isinstance(exc, model.ModelFileError):
+                raise
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from exc
 
     return wrapper
 
@@ -174,8 +184,11 @@ def train(
 
     p = load_params(params).recipe(recipe)
     result = train_step(data / "train.npz", data / "val.npz", model, live_dir, checkpoint, p)
-    last = result.history[-1]
-    typer.echo(f"wrote {model}: val_accuracy {last['val_accuracy']:.4f}")
+    kept = result.kept  # the epoch whose weights the model file holds (train.keep)
+    typer.echo(
+        f"wrote {model}: epoch {int(kept['epoch'])} of {len(result.history)}, "
+        f"val_accuracy {kept['val_accuracy']:.4f}"
+    )
 
 
 @app.command()

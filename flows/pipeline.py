@@ -10,7 +10,6 @@ because the stages before it are up to date in dvc.lock.
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import logging
 import os
@@ -345,11 +344,11 @@ def metrics_markdown(
 
 def confusion_rows(confusion_csv: Path) -> list[dict[str, Any]]:
     """The 10x10 confusion matrix (rows: actual, columns: predicted) from per-image rows."""
-    counts = [[0] * 10 for _ in range(10)]
-    with confusion_csv.open(newline="") as fh:
-        for row in csv.DictReader(fh):
-            counts[int(row["actual"])][int(row["predicted"])] += 1
-    return [{"actual": str(a), **{str(p): counts[a][p] for p in range(10)}} for a in range(10)]
+    from tasks.metrics import N_CLASSES, confusion_matrix, read_confusion_rows
+
+    counts = confusion_matrix(*read_confusion_rows(confusion_csv)).tolist()
+    classes = range(N_CLASSES)
+    return [{"actual": str(a), **{str(p): counts[a][p] for p in classes}} for a in classes]
 
 
 def publish_artifacts(

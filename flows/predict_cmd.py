@@ -8,15 +8,13 @@ or error (summary on stderr; ``--allow-failures`` makes it 0), 2 usage errors
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
-from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+from flows.signals import sigterm_unwinds
 
 if TYPE_CHECKING:
     from tasks.config import PredictParams
@@ -99,31 +97,6 @@ ProgressOpt = Annotated[
 def _usage_error(msg: str) -> typer.Exit:
     typer.echo(f"error: {msg}", err=True)
     return typer.Exit(2)
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    """SIGTERM (``kill``, a scheduler's stop) ends the command the way Ctrl-C does.
-
-    Python's default for SIGTERM is to die on the spot, which leaves the output's temp
-    file behind; raising SystemExit instead unwinds the stack, so the temp file is
-    removed, the decode threads are stopped and the previous output stays. Exit code
-    128 + 15, what a shell reports for a process killed by SIGTERM. Signal handlers
-    can only be set from the main thread: elsewhere (a command run in a worker
-    thread) SIGTERM keeps its default.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def unwind(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, unwind)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def project_root(start: Path | None = None) -> Path | None:
@@ -218,7 +191,7 @@ def predict(
 
     try:
         p = _predict_params(params)
-        with _sigterm_unwinds():
+        with sigterm_unwinds():  # also when called without main(): typer.run, tests
             summary = predict_paths(
                 paths,
                 model_path=_model_path(model, p.model),
@@ -276,7 +249,7 @@ def batch_predict(
     from flows.batch_predict import run_batch_predict
 
     try:
-        with _sigterm_unwinds():
+        with sigterm_unwinds():  # also when called without main(): typer.run, tests
             summary = run_batch_predict(
                 paths,
                 model_path=_model_path(model, p.model),

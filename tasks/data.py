@@ -15,6 +15,10 @@ from tasks.io import atomic_open
 SPLITS = ("train", "val", "test")
 
 
+class DatasetError(ValueError):
+    """A dataset file holds arrays that are not (N, 28, 28) images with N labels."""
+
+
 def save_arrays(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:
     """Write (N, 28, 28) uint8 images and (N,) uint8 labels atomically."""
     if images.dtype != np.uint8 or labels.dtype != np.uint8 or len(images) != len(labels):
@@ -31,5 +35,5 @@ def load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
     with np.load(path, allow_pickle=False) as z:
         images, labels = z["images"], z["labels"]
     if images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) != len(labels):
-        raise ValueError(f"{path}: bad dataset arrays {images.shape} / {labels.shape}")
+        raise DatasetError(f"{path}: bad dataset arrays {images.shape} / {labels.shape}")
     return images, labels
