@@ -278,6 +278,13 @@ def test_dvc_plots_output_is_ignored_by_git() -> None:
     assert proc.returncode == 0, "dvc_plots/ (written by `dvc plots show`) is not git-ignored"
 
 
+def test_predict_default_output_in_the_project_root_is_ignored_by_git() -> None:
+    from flows.predict_cmd import DEFAULT_OUT
+
+    proc = subprocess.run(["git", "check-ignore", "-q", str(DEFAULT_OUT)], cwd=ROOT, check=False)
+    assert proc.returncode == 0, f"`digitflow predict DIR` writes {DEFAULT_OUT}, not git-ignored"
+
+
 def test_every_pipeline_model_is_a_dvc_model_artifact_at_its_train_output() -> None:
     from dvc.repo import Repo
 
