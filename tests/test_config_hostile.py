@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import resource
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,8 +24,7 @@ from tasks.config import (
     load_params,
     parse_params_yaml,
 )
-
-DIGITFLOW = Path(sys.executable).parent / "digitflow"
+from tests.memory import digitflow_argv, peak_mb
 
 
 def _write(tmp_path: Path, text: str | bytes, name: str = "params.yaml") -> Path:
@@ -264,18 +262,15 @@ def _run_cli(params: Path, memory_cap: int) -> tuple[int, str, float]:
     def cap_address_space() -> None:  # the old code grew to gigabytes: keep the machine safe
         resource.setrlimit(resource.RLIMIT_AS, (memory_cap, memory_cap))
 
+    peak_file = params.parent / "peak_kb"
+    args = ["split", "--raw", str(params.parent / "raw"), "--out", str(params.parent / "out"),
+            "--params", str(params)]  # fmt: skip
     proc = subprocess.Popen(
-        [str(DIGITFLOW), "split", "--raw", str(params.parent / "raw"),
-         "--out", str(params.parent / "out"), "--params", str(params)],
+        digitflow_argv(peak_file, args),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=cap_address_space,
     )  # fmt: skip
-    # wait4 gives this child's own peak RSS (RUSAGE_CHILDREN would be the max of all children)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    stderr = proc.stderr.read()
-    proc.stdout.close()
-    proc.stderr.close()
-    return proc.returncode, stderr, usage.ru_maxrss / 1024  # Linux: ru_maxrss in KB
+    _, stderr = proc.communicate()
+    return proc.returncode, stderr, peak_mb(peak_file)
 
 
 @pytest.mark.parametrize(

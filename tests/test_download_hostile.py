@@ -12,7 +12,6 @@ import logging
 import os
 import struct
 import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -30,6 +29,7 @@ from tasks.download import (
     download_mnist,
     load_checksums,
 )
+from tests.memory import digitflow_argv, peak_mb
 
 REPO = Path(__file__).resolve().parents[1]
 PEAK_RSS_LIMIT_MB = 500  # issue 9: the bomb run must stay under this
@@ -135,22 +135,19 @@ def _gzip_bomb(idx_header: bytes, mib: int) -> bytes:
 
 def _run_cli(args: list[str], env: dict[str, str], tmp_path: Path) -> tuple[int, str, float]:
     """Run ``digitflow ARGS``; returns (exit code, stderr, peak RSS in MB of that process)."""
-    err_path = tmp_path / "stderr.txt"
+    err_path, peak_file = tmp_path / "stderr.txt", tmp_path / "peak_kb"
     with open(err_path, "wb") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", *args], env={**os.environ, **env},
+            digitflow_argv(peak_file, args), env={**os.environ, **env},
             stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path,
         )  # fmt: skip
         watchdog = threading.Timer(120, proc.kill)  # a hang fails the test, not the suite
         watchdog.start()
         try:
-            # wait4 gives this child's own rusage (RUSAGE_CHILDREN would mix in every
-            # process this pytest run has waited for)
-            _, status, usage = os.wait4(proc.pid, 0)
+            proc.wait()
         finally:
             watchdog.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped: Popen must not wait again
-    return proc.returncode, err_path.read_text(), usage.ru_maxrss / 1024  # Linux: KiB
+    return proc.returncode, err_path.read_text(), peak_mb(peak_file)
 
 
 def _params(tmp_path: Path, mirrors: list[str]) -> Path:

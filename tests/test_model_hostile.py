@@ -57,14 +57,17 @@ def write_bomb(model_path: Path, out: Path, unpacked: int) -> Path:
 
 def _peak_rss_mb(model: Path) -> tuple[float, str]:
     """Load ``model`` in a fresh process: (its peak RSS in MB, what load_model said)."""
+    # VmHWM, not ru_maxrss: that one starts at pytest's own peak in a forked child and
+    # survives exec, so late in a session both runs would report pytest's memory
     code = (
-        "import resource, sys\n"
+        "import re, sys\n"
         "from tasks.model import load_model, ModelFileError\n"
         "try:\n"
         "    load_model(sys.argv[1]); said = 'loaded'\n"
         "except ModelFileError as e:\n"
         "    said = str(e)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+        "status = open('/proc/self/status').read()\n"
+        "print(int(re.search(r'VmHWM:\\s+(\\d+)', status)[1]) / 1024)\n"
         "print(said)\n"
     )
     proc = subprocess.run(
