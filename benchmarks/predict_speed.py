@@ -48,8 +48,8 @@ import cv2
 import numpy as np
 import torch
 
+from flows.cli.paths import model_file
 from flows.pipeline import EVAL_METRICS, eval_path
-from flows.predict_cmd import model_file
 from tasks.config import load_params
 from tasks.data import load_arrays
 from tasks.model import load_model, normalize_uint8
@@ -170,7 +170,8 @@ def predict_command() -> list[str]:
     probe = subprocess.run([*cmd, "predict", "--help"], capture_output=True, cwd=ROOT)
     if probe.returncode == 0:
         return [*cmd, "predict"]
-    # flows/cli.py without the command registered yet: the command function itself
+    # an older checkout, its predict command not yet registered in flows/cli.py: the
+    # command function itself, from the module it lived in then
     code = "import typer; from flows.predict_cmd import predict; typer.run(predict)"
     return [sys.executable, "-c", code]
 

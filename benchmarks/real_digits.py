@@ -55,7 +55,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from flows.predict_cmd import model_file
+from flows.cli.paths import model_file
 from tasks.config import load_params
 from tasks.decode import ImageError, load_gray, load_image
 from tasks.preprocess import (
@@ -76,7 +76,7 @@ SOURCES = "sources.csv"  # per-image origin and kind, in the folder (optional)
 NO_PREDICTION = "-"  # the prediction of a row whose status is not ok
 CLI_OK_CODES = (0, 1)  # predict's exit codes with an output file (1: some rows not ok)
 EXIT_CLI_FAILED, EXIT_NO_INPUT = 1, 2
-# `python -m flows.cli` runs the CLI (flows/cli.py calls main() under __main__) without
+# `python -m flows.cli` runs the CLI (flows/cli/__main__.py calls main()) without
 # depending on the console script being installed.
 CLI = [sys.executable, "-m", "flows.cli"]
 CLI_SUMMARY = re.compile(r"^\d+ files: ")  # predict's summary line on stderr

@@ -4,8 +4,8 @@ Python's default for SIGTERM (``kill``, a scheduler's or systemd's stop, ``docke
 is to die on the spot: no ``finally`` block or ``with`` exit runs, so a temp file of
 ``tasks.io.atomic_path`` stays behind in the output folder. Raising SystemExit instead
 unwinds the stack the way Ctrl-C does: temp files are removed, worker threads stopped,
-the previous output kept. Kept apart from flows/cli.py so that command modules the CLI
-imports (flows/predict_cmd.py) can use it without an import cycle.
+the previous output kept. The CLI package (flows/cli/) installs it in main() and again in
+the predict commands, which tests and benchmarks also run without main().
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from flows import predict_cmd
+from flows.cli import predict as predict_cmd
 from tasks.model import build_model, save_model
 from tasks.predict import predict_paths
 from tests.images import REFERENCES, big_glyph, photo, png_bytes
@@ -61,6 +61,7 @@ def test_local_flow_matches_predict(
     assert out.read_bytes() == reference_output
 
 
+@pytest.mark.slow
 def test_dask_flow_runs_the_chunks_on_the_cluster(
     prefect_api: None, inbox: Path, model_file: Path, reference_output: bytes, tmp_path: Path
 ) -> None:
@@ -110,6 +111,7 @@ def test_unreachable_dask_address_is_a_usage_error(
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_batch_predict_command_exit_codes(
     prefect_api: None, inbox: Path, model_file: Path, tmp_path: Path
 ) -> None:

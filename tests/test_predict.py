@@ -19,7 +19,8 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from flows import predict_cmd
+from flows.cli import paths
+from flows.cli import predict as predict_cmd
 from tasks.model import ModelFileError, build_model, load_model, normalize_uint8, save_model
 from tasks.predict import Classifier, PredictUsageError, columns, expand_inputs, predict_paths
 from tasks.preprocess import naive_28, to_mnist
@@ -37,7 +38,7 @@ runner = CliRunner()
 
 
 def cli(*args: str | Path) -> typer.testing.Result:
-    """Invoke the predict command the way flows/cli.py registers it."""
+    """Invoke the predict command as flows/cli/predict.py defines it."""
     app = typer.Typer()
     app.command()(predict_cmd.predict)
     return runner.invoke(app, [str(a) for a in args])
@@ -303,7 +304,7 @@ def test_default_model_and_params_come_from_the_project(
     write_png(project / "inbox" / "sub" / "p.png", img)
     debug = tmp_path / "dbg"
     monkeypatch.chdir(project / "inbox" / "sub")
-    assert predict_cmd.project_root() == project
+    assert paths.project_root() == project
 
     result = cli("p.png", "--out", "o.csv", "--debug-dir", debug)
 
@@ -320,7 +321,7 @@ def test_default_model_and_params_come_from_the_project(
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    if predict_cmd.project_root() is not None:
+    if paths.project_root() is not None:
         pytest.skip(f"{tmp_path} is inside a folder with dvc.yaml")
     result = cli(project / "inbox" / "sub" / "p.png", "--out", "o.csv")
     assert result.exit_code == 2
@@ -346,7 +347,7 @@ def test_huge_hdr_is_an_error_row_in_bounded_memory(model_file: Path, tmp_path: 
         "atexit.register(lambda: peak.write_text(\n"
         "    re.search(r'VmHWM:\\s+(\\d+)', status.read_text())[1]))\n"
         "import typer\n"
-        "from flows.predict_cmd import predict\n"
+        "from flows.cli.predict import predict\n"
         "typer.run(predict)\n"
     )
     args = [folder, "--model", model_file, "--out", out, "--no-progress", peak]
@@ -421,7 +422,7 @@ def test_failed_run_keeps_the_previous_output(good_folder: Path, tmp_path: Path)
 # stdin. The test signals it there, so the signal always lands mid-write (no timing race).
 PAUSE_AFTER_FIRST_ROW = """
 import sys, typer
-from flows.predict_cmd import predict
+from flows.cli.predict import predict
 from tasks import predict as tp
 write = tp.RowWriter.write
 def paused(self, row):

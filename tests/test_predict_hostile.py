@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from flows import predict_cmd
+from flows.cli import predict as predict_cmd
 from tasks.model import build_model, save_model
 from tasks.predict import FORMATS, Row, columns, open_output, predict_paths
 from tasks.preprocess import Prepared, prepare_file
@@ -299,7 +299,7 @@ def test_sigterm_removes_the_temp_output(model_file: Path, tmp_path: Path) -> No
     out_dir.mkdir()
     out = out_dir / "pred.csv"
     out.write_text("previous results\n")
-    code = "import typer; from flows.predict_cmd import predict; typer.run(predict)"
+    code = "import typer; from flows.cli.predict import predict; typer.run(predict)"
     args = [folder, "--model", model_file, "--out", out, "--batch-size", "1", "--workers", "1"]
     proc = subprocess.Popen(
         [sys.executable, "-c", code, *map(str, args), "--no-progress"],

@@ -1,119 +1,35 @@
-"""The ``digitflow`` command line: one command per pipeline stage, plus the flows.
+"""Pipeline stages: one ``digitflow`` command per dvc.yaml stage, which calls them.
 
-Each command reads params.yaml once (``--params``) and passes the typed values
-to the step function; dvc.yaml calls these commands.
+Each command reads params.yaml once (``--params``) and passes the typed values to the
+step function in tasks/.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from flows.signals import sigterm_unwinds
+from flows.cli.errors import expected_errors
+from flows.cli.paths import DEFAULT_PARAMS
 
-app = typer.Typer(
-    help="digitflow: handwritten-digit recognition as a reproducible pipeline.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+PANEL = "Pipeline stages"  # their group in `digitflow --help`
+app = typer.Typer()
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read")]
 RecipeOpt = Annotated[
     str, typer.Option("--recipe", help="training recipe: a section of params.yaml `train`")
 ]
-DEFAULT_PARAMS = Path("params.yaml")
 DEFAULT_RECIPE = "seed"
 # JSON {file name: sha256} replacing MNIST's checksums, for MNIST-format data of your own
 CHECKSUMS_ENV = "DIGITFLOW_MNIST_CHECKSUMS"
 
 
-# digitflow's own loggers (the packages of this project): INFO by default. Every other
-# logger (httpx, DVC, Prefect's client internals, ...) stays at WARNING: a run's output is
-# what digitflow did, not each HTTP request behind it. `-v` lowers both levels one step.
-OWN_LOGGERS = ("tasks", "flows")
-# Prefect's temporary server, which `digitflow run` / `retrain` / `batch-predict` start when
-# no PREFECT_API_URL is set, sends a telemetry heartbeat at start-up: offline it logs an
-# ERROR, and its write to the fresh SQLite database races the server's own ("database is
-# locked", a 60-line traceback) though the run succeeds. A user's own setting wins.
-ANALYTICS_ENV = "PREFECT_SERVER_ANALYTICS_ENABLED"
-
-
-def quiet_temporary_server() -> None:
-    """No telemetry from the Prefect server this process may start (unless the user set it).
-
-    Set in the environment, before Prefect reads its settings: the temporary server runs
-    in a child process that inherits it. Only a server reads this setting, so it changes
-    nothing when PREFECT_API_URL points at a real server.
-    """
-    os.environ.setdefault(ANALYTICS_ENV, "false")
-
-
-def configure_logging(verbose: bool) -> None:
-    """digitflow's loggers at INFO (DEBUG with -v), every library at WARNING (INFO with -v)."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for name in OWN_LOGGERS:
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
-
-
-@app.callback()
-def _main(
-    verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="debug logs, and libraries' INFO logs")
-    ] = False,
-) -> None:
-    configure_logging(verbose)
-
-
-def _fail_cleanly(func: Callable[..., Any]) -> Callable[..., Any]:
-    """The CLI's error policy. Expected errors (bad params, a path that is not there, a
-    model file that is not ours, no data source reachable) are one line on stderr and
-    exit 2; a failure of the work on its data (a malformed IDX or dataset file) is one
-    line and exit 1; anything else is a bug and keeps its traceback."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from tasks.config import ParamsError
-        from tasks.data import DatasetError
-        from tasks.download import DownloadError
-        from tasks.idx import IdxError
-
-        try:
-            return func(*args, **kwargs)
-        # DownloadError: no source configured, none reachable or none with the right files
-        # (the message names each one and why), or a bad checksum file: what the command
-        # was pointed at is wrong, not the work.
-        except (ParamsError, DownloadError, FileNotFoundError) as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from exc
-        except (IdxError, DatasetError) as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from exc
-        except ValueError as exc:
-            # ModelFileError, without importing torch (tasks.model) for the light commands:
-            # a command that raised it has loaded tasks.model already
-            model = sys.modules.get("tasks.model")
-            if model is None or not isinstance(exc, model.ModelFileError):
-                raise
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from exc
-
-    return wrapper
-
-
-@app.command()
-@_fail_cleanly
+@app.command(rich_help_panel=PANEL)
+@expected_errors
 def download(
     out: Annotated[Path, typer.Option(help="folder for the raw IDX files")] = Path("data/raw"),
     params: ParamsOpt = DEFAULT_PARAMS,
@@ -139,8 +55,8 @@ def download(
     typer.echo(f"downloaded {len(files)} files to {out}")
 
 
-@app.command()
-@_fail_cleanly
+@app.command(rich_help_panel=PANEL)
+@expected_errors
 def split(
     raw: Annotated[Path, typer.Option(help="folder of raw IDX files")] = Path("data/raw"),
     out: Annotated[Path, typer.Option(help="folder for train/val/test .npz")] = Path(
@@ -157,8 +73,8 @@ def split(
     typer.echo("wrote " + ", ".join(str(v) for v in paths.values()))
 
 
-@app.command()
-@_fail_cleanly
+@app.command(rich_help_panel=PANEL)
+@expected_errors
 def train(
     data: Annotated[Path, typer.Option(help="folder with train.npz and val.npz")] = Path(
         "data/prepared"
@@ -191,8 +107,8 @@ def train(
     )
 
 
-@app.command()
-@_fail_cleanly
+@app.command(rich_help_panel=PANEL)
+@expected_errors
 def evaluate(
     model: Annotated[Path, typer.Option(help="model file")] = Path("data/models/seed/model.pt"),
     test: Annotated[Path, typer.Option(help="test set .npz")] = Path("data/prepared/test.npz"),
@@ -216,8 +132,8 @@ def evaluate(
     typer.echo(f"test accuracy {result.metrics['accuracy']:.4f} -> {result.metrics_path}")
 
 
-@app.command()
-@_fail_cleanly
+@app.command(rich_help_panel=PANEL)
+@expected_errors
 def report(
     model: Annotated[Path, typer.Option(help="model file")] = Path("data/models/seed/model.pt"),
     eval_dir: Annotated[Path, typer.Option(help="evaluate stage output")] = Path(
@@ -242,30 +158,3 @@ def report(
     }
     path = write_report(model, eval_dir, test, out, shown, p.report.n_misclassified)
     typer.echo(f"wrote {path}")
-
-
-# --- commands defined in their own modules (their heavy imports stay inside the functions) ---
-# (registered below this line)
-from flows import flow_cmds, predict_cmd  # noqa: E402
-
-app.command("predict")(predict_cmd.predict)
-app.command("batch-predict")(predict_cmd.batch_predict)
-
-app.command("run")(flow_cmds.run)
-app.command("retrain")(flow_cmds.retrain)
-app.command("serve")(flow_cmds.serve)
-
-
-def main() -> None:
-    """Console-script entry point.
-
-    SIGTERM unwinds like Ctrl-C, for every command (flows/signals.py): temp files of
-    half-written outputs are removed, and the exit code is 143, as for a killed process.
-    """
-    quiet_temporary_server()  # before any command imports Prefect
-    with sigterm_unwinds():
-        app()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

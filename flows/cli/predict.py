@@ -1,9 +1,9 @@
-"""CLI commands ``digitflow predict`` and ``digitflow batch-predict``.
+"""Prediction: ``digitflow predict`` and ``digitflow batch-predict``.
 
-Registered in flows/cli.py. torch, OpenCV and Prefect are imported inside the
-commands so the CLI starts fast. Exit codes: 0 every row ok, 1 some rows empty
-or error (summary on stderr; ``--allow-failures`` makes it 0), 2 usage errors
-(no inputs, model file missing or not ours, bad options or params).
+torch, OpenCV and Prefect are imported inside the commands so the CLI starts fast. Exit
+codes: 0 every row ok, 1 some rows empty or error (summary on stderr; ``--allow-failures``
+makes it 0: a result of the command), 2 expected errors (no inputs, model file missing or
+not ours, bad options or params, an unreachable Dask scheduler: flows/cli/errors.py).
 """
 
 from __future__ import annotations
@@ -14,19 +14,17 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from flows.cli.errors import UsageError, expected_errors
+from flows.cli.paths import DEFAULT_PARAMS, default_path, model_file
 from flows.signals import sigterm_unwinds
 
 if TYPE_CHECKING:
     from tasks.config import PredictParams
     from tasks.predict import PredictSummary
 
-# Defaults, relative to the project: the nearest folder, from the current one up, that
-# holds dvc.yaml (so `digitflow predict` works from any subfolder); without one, relative
-# to the current folder.
-# The pipeline's model files (dvc.yaml `train` outs); predict uses params.yaml predict.model
-MODEL_FILE = "data/models/{name}/model.pt"
-DEFAULT_PARAMS = Path("params.yaml")
-PROJECT_MARKER = "dvc.yaml"
+PANEL = "Prediction"  # their group in `digitflow --help`
+app = typer.Typer()
+
 DEFAULT_OUT = Path("predictions.csv")  # --out of both commands, in the current folder
 MAX_PROBLEMS_SHOWN = 10  # non-ok rows listed on stderr; the output file has them all
 
@@ -94,41 +92,13 @@ ProgressOpt = Annotated[
 ]
 
 
-def _usage_error(msg: str) -> typer.Exit:
-    typer.echo(f"error: {msg}", err=True)
-    return typer.Exit(2)
-
-
-def project_root(start: Path | None = None) -> Path | None:
-    """The nearest folder holding dvc.yaml, from ``start`` (the current folder) up."""
-    here = (start or Path.cwd()).absolute()
-    for folder in (here, *here.parents):
-        if (folder / PROJECT_MARKER).is_file():
-            return folder
-    return None
-
-
-def _default_path(relative: Path) -> tuple[Path, str]:
-    """``relative`` in the project (see project_root), else in the current folder; and where."""
-    root = project_root()
-    if root is None:
-        where = f"relative to the current folder: no {PROJECT_MARKER} in it or above it"
-        return relative, where
-    return root / relative, f"the project in {root}"
-
-
-def model_file(name: str) -> Path:
-    """The pipeline's model file of model ``name`` (a key of params.yaml `models`)."""
-    return Path(MODEL_FILE.format(name=name))
-
-
 def _model_path(model: Path | None, name: str) -> Path:
     """--model, or the project's model ``name``; a missing default is a usage error saying where."""
     if model is not None:
         return model
-    path, where = _default_path(model_file(name))
+    path, where = default_path(model_file(name))
     if not path.is_file():
-        raise _usage_error(
+        raise UsageError(
             f"model file not found: {path} (the default model, {where}); "
             f"train it with `dvc repro train@{name}` or pass --model"
         )
@@ -140,7 +110,7 @@ def _predict_params(path: Path | None) -> PredictParams:
     from tasks.config import PredictParams, load_params
 
     if path is None:
-        path, _ = _default_path(DEFAULT_PARAMS)
+        path, _ = default_path(DEFAULT_PARAMS)
         if not path.is_file():
             return PredictParams()
     return load_params(path).predict
@@ -168,6 +138,8 @@ def _report(summary: PredictSummary, allow_failures: bool) -> None:
         raise typer.Exit(1)
 
 
+@app.command("predict", rich_help_panel=PANEL)
+@expected_errors
 def predict(
     paths: PathsArg,
     model: ModelOpt = None,
@@ -185,29 +157,26 @@ def predict(
 
     Columns: path, label, confidence, p0..p9, status (ok/empty/error), message.
     """
-    from tasks.config import ParamsError
-    from tasks.model import ModelFileError
-    from tasks.predict import PredictUsageError, predict_paths
+    from tasks.predict import predict_paths
 
-    try:
-        p = _predict_params(params)
-        with sigterm_unwinds():  # also when called without main(): typer.run, tests
-            summary = predict_paths(
-                paths,
-                model_path=_model_path(model, p.model),
-                out_path=out,
-                fmt=_format_for(out, fmt),
-                batch_size=batch_size or p.batch_size,
-                workers=workers or p.workers,
-                preprocess=p.preprocess if preprocess is None else preprocess,
-                debug_dir=debug_dir,
-                progress=progress,
-            )
-    except (ParamsError, PredictUsageError, ModelFileError) as exc:
-        raise _usage_error(str(exc)) from exc
+    p = _predict_params(params)
+    with sigterm_unwinds():  # also when called without main(): typer.run, tests
+        summary = predict_paths(
+            paths,
+            model_path=_model_path(model, p.model),
+            out_path=out,
+            fmt=_format_for(out, fmt),
+            batch_size=batch_size or p.batch_size,
+            workers=workers or p.workers,
+            preprocess=p.preprocess if preprocess is None else preprocess,
+            debug_dir=debug_dir,
+            progress=progress,
+        )
     _report(summary, allow_failures)
 
 
+@app.command("batch-predict", rich_help_panel=PANEL)
+@expected_errors
 def batch_predict(
     paths: PathsArg,
     model: ModelOpt = None,
@@ -237,32 +206,22 @@ def batch_predict(
 
     Same output as `predict`, whether the chunks run locally or on a Dask cluster.
     """
-    from tasks.config import ParamsError
-    from tasks.model import ModelFileError
-    from tasks.predict import PredictUsageError
-
-    try:
-        p = _predict_params(params)
-    except ParamsError as exc:
-        raise _usage_error(str(exc)) from exc
+    p = _predict_params(params)  # bad params are refused before Prefect is imported
 
     from flows.batch_predict import run_batch_predict
 
-    try:
-        with sigterm_unwinds():  # also when called without main(): typer.run, tests
-            summary = run_batch_predict(
-                paths,
-                model_path=_model_path(model, p.model),
-                out_path=out,
-                fmt=_format_for(out, fmt),
-                chunk_size=chunk_size or p.chunk_size,
-                batch_size=batch_size or p.batch_size,
-                workers=workers or p.workers,
-                preprocess=p.preprocess if preprocess is None else preprocess,
-                debug_dir=debug_dir,
-                dask_address=dask_address,
-                progress=progress,
-            )
-    except (PredictUsageError, ModelFileError) as exc:
-        raise _usage_error(str(exc)) from exc
+    with sigterm_unwinds():  # also when called without main(): typer.run, tests
+        summary = run_batch_predict(
+            paths,
+            model_path=_model_path(model, p.model),
+            out_path=out,
+            fmt=_format_for(out, fmt),
+            chunk_size=chunk_size or p.chunk_size,
+            batch_size=batch_size or p.batch_size,
+            workers=workers or p.workers,
+            preprocess=p.preprocess if preprocess is None else preprocess,
+            debug_dir=debug_dir,
+            dask_address=dask_address,
+            progress=progress,
+        )
     _report(summary, allow_failures)

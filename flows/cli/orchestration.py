@@ -1,7 +1,9 @@
-"""CLI commands for the Prefect flows: ``digitflow run``, ``retrain`` and ``serve``.
+"""Prefect flows: ``digitflow run``, ``retrain`` and ``serve``.
 
-Registered in flows/cli.py; Prefect and DVC are imported inside the commands so
-that the stage commands (which dvc.yaml calls) start without them.
+Prefect and DVC are imported inside the commands so that the stage commands (which
+dvc.yaml calls) start without them. A flow run that fails is this command's result
+(exit 1, the flow's message); what the command was pointed at being wrong is the error
+policy's (flows/cli/errors.py).
 """
 
 from __future__ import annotations
@@ -10,6 +12,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from flows.cli.errors import UsageError, expected_errors
+from flows.cli.paths import PROJECT_MARKER
+
+PANEL = "Prefect flows"  # their group in `digitflow --help`
+app = typer.Typer()
 
 RootOpt = Annotated[Path, typer.Option("--root", help="root of the git + DVC repository")]
 SetOpt = Annotated[
@@ -28,6 +36,8 @@ DEFAULT_SERVER_API = "http://127.0.0.1:4200/api"
 DEPLOYMENT_NAME = "digitflow-retrain"
 
 
+@app.command("run", rich_help_panel=PANEL)
+@expected_errors
 def run(
     root: RootOpt = Path("."),
     baseline: Annotated[
@@ -36,6 +46,8 @@ def run(
     ] = None,
 ) -> None:
     """Run the training pipeline (the dvc.yaml stages) as a Prefect flow."""
+    if not (root / PROJECT_MARKER).is_file():  # refused before Prefect starts a server
+        raise UsageError(f"no {PROJECT_MARKER} in {root}: --root must be a git + DVC repository")
     from flows.pipeline import training_pipeline
 
     state = training_pipeline(root=str(root), baseline=baseline, return_state=True)
@@ -47,21 +59,19 @@ def run(
 
 
 def _refuse_bad_overrides(root: Path, overrides: list[str]) -> None:
-    """Bad overrides (syntax, unknown key, a promotion rule, a bad value): one line, exit 2.
+    """Bad overrides (syntax, unknown key, a promotion rule, a bad value): RetrainError or
+    ParamsError, one line and exit 2 by the error policy.
 
     Checked here, before Prefect starts, so the message is printed once, not again by the
     failed flow run's logs and state.
     """
-    from flows.retrain import RetrainError, validate_overrides
-    from tasks.config import ParamsError
+    from flows.retrain import validate_overrides
 
-    try:
-        validate_overrides(root, overrides)
-    except (RetrainError, ParamsError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+    validate_overrides(root, overrides)
 
 
+@app.command("retrain", rich_help_panel=PANEL)
+@expected_errors
 def retrain(root: RootOpt = Path("."), set_param: SetOpt = None) -> None:
     """Train a challenger and promote it (tag model@vN) only if it beats the champion."""
     _refuse_bad_overrides(root, set_param or [])
@@ -85,23 +95,24 @@ def api_problem() -> str | None:
 
     url = get_current_settings().api.url
     if not url:
-        return (
+        return (  # one line, as every expected error
             "no Prefect server configured: Prefect would use a temporary (ephemeral) server "
-            "that lives only as long as this process, so nothing could schedule runs.\n"
-            "Start a server and point digitflow at it:\n"
-            "  prefect server start            # in another terminal (or as a service)\n"
-            f"  export PREFECT_API_URL={DEFAULT_SERVER_API}"
+            "that lives only as long as this process, so nothing could schedule runs; start "
+            "one with `prefect server start` (in another terminal, or as a service) and "
+            f"`export PREFECT_API_URL={DEFAULT_SERVER_API}`"
         )
     with get_client(sync_client=True) as client:
         error = client.api_healthcheck()
     if error is not None:
         return (
-            f"the Prefect API at {url} is not reachable ({error}).\n"
-            "Start it with `prefect server start`, or fix PREFECT_API_URL."
+            f"the Prefect API at {url} is not reachable ({error}); "
+            "start it with `prefect server start`, or fix PREFECT_API_URL"
         )
     return None
 
 
+@app.command("serve", rich_help_panel=PANEL)
+@expected_errors
 def serve(
     cron: Annotated[str, typer.Option(help="cron schedule of the retrain runs")] = "0 3 * * 1",
     root: RootOpt = Path("."),
@@ -111,8 +122,7 @@ def serve(
     """Serve the retrain flow on a cron schedule (needs a running Prefect server)."""
     _refuse_bad_overrides(root, set_param or [])  # refused now, not at every scheduled run
     if problem := api_problem():
-        typer.echo(f"error: {problem}", err=True)
-        raise typer.Exit(2)
+        raise UsageError(problem)
     from prefect.types.entrypoint import EntrypointType
 
     from flows.retrain import retrain as retrain_flow

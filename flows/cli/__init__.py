@@ -1,0 +1,82 @@
+"""The ``digitflow`` command line: one Typer app, in three groups of commands.
+
+- Pipeline stages (flows/cli/stages.py): one command per dvc.yaml stage, which calls them;
+- Prediction (flows/cli/predict.py): ``predict`` and ``batch-predict``;
+- Prefect flows (flows/cli/orchestration.py): ``run``, ``retrain`` and ``serve``.
+
+Every command follows one error policy (flows/cli/errors.py). Heavy imports (torch,
+OpenCV, Prefect, DVC) stay inside the commands, so the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Annotated
+
+import typer
+
+from flows.cli import orchestration, predict, stages
+from flows.signals import sigterm_unwinds
+
+app = typer.Typer(
+    help="digitflow: handwritten-digit recognition as a reproducible pipeline.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Without a name, add_typer merges each module's commands into this app; each command
+# names its --help panel (rich_help_panel) where it is defined.
+for _commands in (stages.app, predict.app, orchestration.app):
+    app.add_typer(_commands)
+
+# digitflow's own loggers (the packages of this project): INFO by default. Every other
+# logger (httpx, DVC, Prefect's client internals, ...) stays at WARNING: a run's output is
+# what digitflow did, not each HTTP request behind it. `-v` lowers both levels one step.
+OWN_LOGGERS = ("tasks", "flows")
+# Prefect's temporary server, which `digitflow run` / `retrain` / `batch-predict` start when
+# no PREFECT_API_URL is set, sends a telemetry heartbeat at start-up: offline it logs an
+# ERROR, and its write to the fresh SQLite database races the server's own ("database is
+# locked", a 60-line traceback) though the run succeeds. A user's own setting wins.
+ANALYTICS_ENV = "PREFECT_SERVER_ANALYTICS_ENABLED"
+
+
+def quiet_temporary_server() -> None:
+    """No telemetry from the Prefect server this process may start (unless the user set it).
+
+    Set in the environment, before Prefect reads its settings: the temporary server runs
+    in a child process that inherits it. Only a server reads this setting, so it changes
+    nothing when PREFECT_API_URL points at a real server.
+    """
+    os.environ.setdefault(ANALYTICS_ENV, "false")
+
+
+def configure_logging(verbose: bool) -> None:
+    """digitflow's loggers at INFO (DEBUG with -v), every library at WARNING (INFO with -v)."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="debug logs, and libraries' INFO logs")
+    ] = False,
+) -> None:
+    configure_logging(verbose)
+
+
+def main() -> None:
+    """Console-script entry point.
+
+    SIGTERM unwinds like Ctrl-C, for every command (flows/signals.py): temp files of
+    half-written outputs are removed, and the exit code is 143, as for a killed process.
+    """
+    quiet_temporary_server()  # before any command imports Prefect
+    with sigterm_unwinds():
+        app()
