@@ -10,7 +10,7 @@ MNIST_MIRROR ?= $(if $(wildcard ../shared/mnist),../shared/mnist,)
 export MNIST_MIRROR
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: env repro test test-all lint bench exps lock clean-env
+.PHONY: env repro test test-fast lint bench exps lock clean-env
 
 env: $(STAMP)
 
@@ -23,11 +23,13 @@ $(STAMP): requirements.lock pyproject.toml
 repro: env
 	dvc repro
 
+# Every test (what .ci/run calls); `make test-fast` skips the ones marked slow (dvc repro end to
+# end, the retrain flows, the temporary Prefect server, the Dask cluster): the inner loop.
 test: env
-	$(PY) -m pytest -m "not slow"
-
-test-all: env
 	$(PY) -m pytest
+
+test-fast: env
+	$(PY) -m pytest -m "not slow"
 
 lint: env
 	$(VENV)/bin/ruff check .

@@ -121,6 +121,7 @@ def test_checkpoint_from_an_older_digitflow_is_set_aside(
     assert "older digitflow" in caplog.records[0].getMessage()
 
 
+@pytest.mark.slow
 def test_cli_warns_in_one_line_and_a_rerun_is_not_blocked(
     checkpoint: bytes, tiny_prepared: Path, tmp_path: Path
 ):

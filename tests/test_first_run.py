@@ -94,6 +94,7 @@ def _digitflow(repo: Path, env: dict[str, str], *args: str) -> subprocess.Comple
 # --- issue 10, items 1 and 2: `digitflow run` on the default path ----------------------
 
 
+@pytest.mark.slow
 def test_run_on_the_temporary_server_prints_no_traceback_and_no_library_chatter(
     hello_repo: tuple[Path, dict[str, str]],
 ) -> None:
@@ -225,6 +226,7 @@ def test_write_overrides_rewrites_only_the_overridden_lines(
 # --- issue 10, item 6: a readable experiments table ------------------------------------
 
 
+@pytest.mark.slow
 def test_make_exps_shows_one_model_s_recipe_and_accuracy(tmp_path: Path) -> None:
     env = _env(tmp_path)
     env.pop("DVC_EXP_BASELINE_REV", None)
@@ -279,12 +281,13 @@ def test_dvc_plots_output_is_ignored_by_git() -> None:
 
 
 def test_predict_default_output_in_the_project_root_is_ignored_by_git() -> None:
-    from flows.predict_cmd import DEFAULT_OUT
+    from flows.cli.predict import DEFAULT_OUT
 
     proc = subprocess.run(["git", "check-ignore", "-q", str(DEFAULT_OUT)], cwd=ROOT, check=False)
     assert proc.returncode == 0, f"`digitflow predict DIR` writes {DEFAULT_OUT}, not git-ignored"
 
 
+@pytest.mark.slow
 def test_every_pipeline_model_is_a_dvc_model_artifact_at_its_train_output() -> None:
     from dvc.repo import Repo
 

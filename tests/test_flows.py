@@ -258,6 +258,7 @@ COPY_STAGE = {"cmd": "echo run >> runs.log && cp in.txt out.txt", "deps": ["in.t
               "outs": ["out.txt"]}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_repro_status_predicts_what_dvc_repro_then_does(tmp_path: Path) -> None:
     repo = _mini_repo(tmp_path / "repo", {"copy": COPY_STAGE})
     runs, lock, out = repo / "runs.log", repo / "dvc.lock", repo / "out.txt"
@@ -291,6 +292,7 @@ def test_repro_status_predicts_what_dvc_repro_then_does(tmp_path: Path) -> None:
     assert seen == ["ran", "skipped", "ran", "restored", "restored"]
 
 
+@pytest.mark.slow
 def test_flow_retries_the_network_stages_only_and_reports_their_status(
     prefect_api: None, tmp_path: Path
 ) -> None:
@@ -331,6 +333,7 @@ def test_flow_retries_the_network_stages_only_and_reports_their_status(
 # --- the training pipeline flow ------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_failing_download_is_retried_then_fails_the_flow_with_its_message(
     prefect_api: None, tiny_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -366,6 +369,7 @@ def _patch_source(path: Path, old: str, new: str) -> None:
     path.write_text(patched)
 
 
+@pytest.mark.slow
 def test_stage_commands_import_the_code_of_the_repo_being_reproduced(
     prefect_api: None, tiny_env: Path, tmp_path: Path
 ) -> None:
@@ -381,7 +385,7 @@ def test_stage_commands_import_the_code_of_the_repo_being_reproduced(
         r'log.info("%s <- %s [tasks of the reproduced repo]", \1, \2)',
     )
     _patch_source(
-        repo / "flows/cli.py",
+        repo / "flows/cli/stages.py",
         re.escape('typer.echo(f"downloaded {len(files)} files to {out}")'),
         'typer.echo(f"downloaded {len(files)} files to {out} [flows of the reproduced repo]")',
     )
@@ -396,6 +400,7 @@ def test_stage_commands_import_the_code_of_the_repo_being_reproduced(
     assert dep["md5"] == _md5(repo / "tasks/download.py")  # the code that ran is the one recorded
 
 
+@pytest.mark.slow
 def test_pipeline_runs_stages_in_order_resumes_after_a_failure_and_skips_when_up_to_date(
     prefect_api: None, tiny_env: Path, tmp_path: Path
 ) -> None:
@@ -448,6 +453,7 @@ def _running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"  # the state field follows "(comm)"
 
 
+@pytest.mark.slow
 def test_sigterm_to_digitflow_run_stops_the_stage_command_too(
     prefect_api: None, tmp_path: Path
 ) -> None:
@@ -545,6 +551,7 @@ def test_retrain_rules_are_read_from_head_as_committed(tmp_path: Path) -> None:
     ("override", "key"),
     [("retrain.min_improvement=-1", "retrain.min_improvement"), ("~retrain", "retrain")],
 )
+@pytest.mark.slow
 def test_retrain_refuses_overrides_of_its_promotion_rules(
     prefect_api: None, tmp_path: Path, override: str, key: str
 ) -> None:
@@ -558,6 +565,7 @@ def test_retrain_refuses_overrides_of_its_promotion_rules(
     assert _tags(repo) == [] and _snapshot(repo) == before  # refused before any worktree
 
 
+@pytest.mark.slow
 def test_retrain_crash_before_the_tag_promotes_nothing_and_stale_worktrees_are_pruned(
     prefect_api: None, tiny_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -602,6 +610,7 @@ def test_retrain_crash_before_the_tag_promotes_nothing_and_stale_worktrees_are_p
     assert _worktree_paths(repo) == [repo.resolve()]
 
 
+@pytest.mark.slow
 def test_retrain_promotes_a_better_challenger_and_rejects_a_worse_one(
     prefect_api: None, tiny_env: Path, tmp_path: Path
 ) -> None:
@@ -707,6 +716,7 @@ def test_serve_refuses_overrides_of_the_promotion_rules(tmp_path: Path) -> None:
     assert "retrain.max_class_drop" in proc.stderr and "committed at HEAD" in proc.stderr
 
 
+@pytest.mark.slow
 def test_serve_creates_a_deployment_with_the_cron_schedule(
     prefect_api: None, tmp_path: Path
 ) -> None:

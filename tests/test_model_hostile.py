@@ -78,6 +78,7 @@ def _peak_rss_mb(model: Path) -> tuple[float, str]:
     return float(peak), said.strip()
 
 
+@pytest.mark.slow
 def test_compression_bomb_is_refused_before_it_is_unpacked(
     trained_model_path: Path, tmp_path: Path
 ):

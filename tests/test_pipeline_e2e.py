@@ -65,6 +65,7 @@ def stage_names(repo: Path, env: dict[str, str]) -> list[str]:
     return names
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_dvc_repro_end_to_end_then_skip_then_metrics_diff(tiny_mnist: Path, tmp_path: Path):
     repo = tmp_path / "repo"

@@ -76,6 +76,7 @@ def test_dev_set_groups_match_its_readme() -> None:
     assert counts == expected
 
 
+@pytest.mark.slow
 def test_benchmark_on_tiny_folder(
     trained_model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -117,6 +118,7 @@ def test_benchmark_on_tiny_folder(
     assert saved == wanted
 
 
+@pytest.mark.slow
 def test_ablation_in_process(
     trained_model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

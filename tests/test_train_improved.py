@@ -170,6 +170,7 @@ def test_bad_improved_params_name_the_key(data: dict, key: str):
         parse_params(data)
 
 
+@pytest.mark.slow
 def test_same_seed_same_history_and_exact_resume(
     tiny_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
