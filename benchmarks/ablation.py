@@ -23,11 +23,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flows.paths import EVAL_DIR, TRAIN_DIR
+
 ROOT = Path(__file__).resolve().parents[1]
 # The rows change the seed model's recipe (params.yaml train.seed) and compare its metrics.
 MODEL = "seed"
-EVAL_METRICS = f"data/evaluate/{MODEL}/metrics.json"
-TRAIN_METRICS = f"data/train/{MODEL}/metrics.json"
+EVAL_METRICS = f"{EVAL_DIR.format(name=MODEL)}/metrics.json"
+TRAIN_METRICS = f"{TRAIN_DIR.format(name=MODEL)}/metrics.json"
 # Reproduce up to this stage: the metrics compared here are the evaluate stage's
 TARGET = f"evaluate@{MODEL}"
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import yaml
 
+from flows.pipeline import EVAL_METRICS, eval_path
+
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_TARGET_S = 180  # the whole `dvc repro` on a 2-core CPU (issue: under 3 minutes)
 # git-tracked inputs of the stages (the predict stage's example images), copied to the scratch
@@ -87,7 +89,7 @@ def main() -> None:
             results[name] = run_measured(shlex.split(cmd), work, env)
             print(f"{name}: {results[name]['wall_s']:.1f} s", flush=True)
         metrics = {
-            model: json.loads((work / f"data/evaluate/{model}/metrics.json").read_text())
+            model: json.loads((work / eval_path(model, EVAL_METRICS)).read_text())
             for model in params["models"]
         }
         reference = None

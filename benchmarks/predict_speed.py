@@ -48,7 +48,7 @@ import cv2
 import numpy as np
 import torch
 
-from flows.cli.paths import model_file
+from flows.paths import model_file
 from flows.pipeline import EVAL_METRICS, eval_path
 from tasks.config import load_params
 from tasks.data import load_arrays

@@ -55,7 +55,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from flows.cli.paths import model_file
+from flows.paths import model_file
 from tasks.config import load_params
 from tasks.decode import ImageError, load_gray, load_image
 from tasks.preprocess import (

@@ -27,14 +27,15 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from flows.paths import EVAL_DIR
+
 # Stable artifact keys (Prefect keeps their history across runs under the same key).
 ARTIFACT_METRICS = "digitflow-metrics"
 ARTIFACT_PER_CLASS = "digitflow-per-class"
 ARTIFACT_CONFUSION = "digitflow-confusion-matrix"
 
-# Where the evaluate stage of each model writes (dvc.yaml `evaluate` outs). The flows
-# publish and judge the prediction model's (params.yaml predict.model).
-EVAL_DIR = "data/evaluate/{model}"
+# The evaluate stage's files in its folder (flows/paths.py EVAL_DIR). The flows publish
+# and judge the prediction model's (params.yaml predict.model).
 EVAL_METRICS = "metrics.json"
 EVAL_CLASSES = "classes.json"
 EVAL_CONFUSION = "confusion.csv"
@@ -42,7 +43,7 @@ EVAL_CONFUSION = "confusion.csv"
 
 def eval_path(model: str, file: str) -> str:
     """The evaluate stage's output ``file`` for pipeline model ``model``, relative to the repo."""
-    return f"{EVAL_DIR.format(model=model)}/{file}"
+    return f"{EVAL_DIR.format(name=model)}/{file}"
 
 
 # dvc.yaml `meta` key marking a stage that talks to the network (today: download). The flow

@@ -180,3 +180,44 @@ def test_sigterm_mid_download_removes_the_temp_file_and_exits_143(
     assert proc.returncode == 128 + signal.SIGTERM, stderr
     assert "Traceback" not in stderr
     assert list(out.iterdir()) == []  # no temp file, no partial file
+
+
+def test_dvc_yaml_commands_spell_the_stage_paths_of_flows_paths() -> None:
+    """dvc.yaml (YAML cannot import) names each stage output where flows/paths.py says."""
+    import shlex
+
+    import yaml
+
+    from flows import paths
+
+    stages = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())[
+        "stages"
+    ]
+    key = {"name": "${key}"}  # a foreach stage's model
+    expected = {
+        "download": {"--out": paths.RAW_DIR},
+        "split": {"--raw": paths.RAW_DIR, "--out": paths.PREPARED_DIR},
+        "train": {
+            "--data": paths.PREPARED_DIR,
+            "--model": paths.MODEL_FILE.format(**key),
+            "--live-dir": paths.TRAIN_DIR.format(**key),
+            "--checkpoint": paths.CHECKPOINT_FILE.format(**key),
+        },
+        "evaluate": {
+            "--model": paths.MODEL_FILE.format(**key),
+            "--test": paths.TEST_SET,
+            "--out": paths.EVAL_DIR.format(**key),
+        },
+        "report": {
+            "--model": paths.MODEL_FILE.format(**key),
+            "--eval-dir": paths.EVAL_DIR.format(**key),
+            "--test": paths.TEST_SET,
+            "--out": paths.REPORT_DIR.format(**key),
+        },
+        "predict": {"--model": paths.MODEL_FILE.format(name="${predict.model}")},
+    }
+    for stage, options in expected.items():
+        body = stages[stage].get("do", stages[stage])  # foreach stages keep theirs under do
+        words = shlex.split(body["cmd"])
+        given = {w: words[i + 1] for i, w in enumerate(words[:-1]) if w.startswith("--")}
+        assert {o: given.get(o) for o in options} == options, stage

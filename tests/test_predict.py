@@ -19,7 +19,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from flows.cli import paths
+from flows import paths
 from flows.cli import predict as predict_cmd
 from tasks.model import ModelFileError, build_model, load_model, normalize_uint8, save_model
 from tasks.predict import Classifier, PredictUsageError, columns, expand_inputs, predict_paths

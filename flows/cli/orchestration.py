@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from flows.cli.errors import UsageError, expected_errors
-from flows.cli.paths import PROJECT_MARKER
+from flows.paths import PROJECT_MARKER
 
 PANEL = "Prefect flows"  # their group in `digitflow --help`
 app = typer.Typer()

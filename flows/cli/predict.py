@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from flows.cli.errors import UsageError, expected_errors
-from flows.cli.paths import DEFAULT_PARAMS, default_path, model_file
+from flows.paths import DEFAULT_PARAMS, default_path, model_file
 from flows.signals import sigterm_unwinds
 
 if TYPE_CHECKING:

@@ -14,7 +14,18 @@ from typing import Annotated
 import typer
 
 from flows.cli.errors import expected_errors
-from flows.cli.paths import DEFAULT_PARAMS
+from flows.paths import (
+    CHECKPOINT_FILE,
+    DEFAULT_PARAMS,
+    EVAL_DIR,
+    MODEL_FILE,
+    PREPARED_DIR,
+    RAW_DIR,
+    REPORT_DIR,
+    TEST_SET,
+    TRAIN_DIR,
+    stage_path,
+)
 
 PANEL = "Pipeline stages"  # their group in `digitflow --help`
 app = typer.Typer()
@@ -24,6 +35,12 @@ RecipeOpt = Annotated[
     str, typer.Option("--recipe", help="training recipe: a section of params.yaml `train`")
 ]
 DEFAULT_RECIPE = "seed"
+# The stage commands' defaults: the default model's outputs, where dvc.yaml puts them
+DEFAULT_MODEL_FILE = stage_path(MODEL_FILE)
+DEFAULT_TRAIN_DIR = stage_path(TRAIN_DIR)
+DEFAULT_CHECKPOINT = stage_path(CHECKPOINT_FILE)
+DEFAULT_EVAL_DIR = stage_path(EVAL_DIR)
+DEFAULT_REPORT_DIR = stage_path(REPORT_DIR)
 # JSON {file name: sha256} replacing MNIST's checksums, for MNIST-format data of your own
 CHECKSUMS_ENV = "DIGITFLOW_MNIST_CHECKSUMS"
 
@@ -31,7 +48,7 @@ CHECKSUMS_ENV = "DIGITFLOW_MNIST_CHECKSUMS"
 @app.command(rich_help_panel=PANEL)
 @expected_errors
 def download(
-    out: Annotated[Path, typer.Option(help="folder for the raw IDX files")] = Path("data/raw"),
+    out: Annotated[Path, typer.Option(help="folder for the raw IDX files")] = Path(RAW_DIR),
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Fetch the four MNIST files ($MNIST_MIRROR first, then the configured mirrors)."""
@@ -58,10 +75,8 @@ def download(
 @app.command(rich_help_panel=PANEL)
 @expected_errors
 def split(
-    raw: Annotated[Path, typer.Option(help="folder of raw IDX files")] = Path("data/raw"),
-    out: Annotated[Path, typer.Option(help="folder for train/val/test .npz")] = Path(
-        "data/prepared"
-    ),
+    raw: Annotated[Path, typer.Option(help="folder of raw IDX files")] = Path(RAW_DIR),
+    out: Annotated[Path, typer.Option(help="folder for train/val/test .npz")] = Path(PREPARED_DIR),
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Parse IDX and write the seeded train/validation split and the test set."""
@@ -77,17 +92,15 @@ def split(
 @expected_errors
 def train(
     data: Annotated[Path, typer.Option(help="folder with train.npz and val.npz")] = Path(
-        "data/prepared"
+        PREPARED_DIR
     ),
-    model: Annotated[Path, typer.Option(help="model file to write")] = Path(
-        "data/models/seed/model.pt"
-    ),
-    live_dir: Annotated[Path, typer.Option(help="dvclive metrics/plots folder")] = Path(
-        "data/train/seed"
-    ),
-    checkpoint: Annotated[Path, typer.Option(help="resume checkpoint (removed when done)")] = Path(
-        "data/checkpoints/seed.pt"
-    ),
+    model: Annotated[Path, typer.Option(help="model file to write")] = DEFAULT_MODEL_FILE,
+    live_dir: Annotated[
+        Path, typer.Option(help="dvclive metrics/plots folder")
+    ] = DEFAULT_TRAIN_DIR,
+    checkpoint: Annotated[
+        Path, typer.Option(help="resume checkpoint (removed when done)")
+    ] = DEFAULT_CHECKPOINT,
     recipe: RecipeOpt = DEFAULT_RECIPE,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
@@ -110,11 +123,9 @@ def train(
 @app.command(rich_help_panel=PANEL)
 @expected_errors
 def evaluate(
-    model: Annotated[Path, typer.Option(help="model file")] = Path("data/models/seed/model.pt"),
-    test: Annotated[Path, typer.Option(help="test set .npz")] = Path("data/prepared/test.npz"),
-    out: Annotated[Path, typer.Option(help="folder for metrics and plots")] = Path(
-        "data/evaluate/seed"
-    ),
+    model: Annotated[Path, typer.Option(help="model file")] = DEFAULT_MODEL_FILE,
+    test: Annotated[Path, typer.Option(help="test set .npz")] = Path(TEST_SET),
+    out: Annotated[Path, typer.Option(help="folder for metrics and plots")] = DEFAULT_EVAL_DIR,
     recipe: RecipeOpt = DEFAULT_RECIPE,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
@@ -135,12 +146,10 @@ def evaluate(
 @app.command(rich_help_panel=PANEL)
 @expected_errors
 def report(
-    model: Annotated[Path, typer.Option(help="model file")] = Path("data/models/seed/model.pt"),
-    eval_dir: Annotated[Path, typer.Option(help="evaluate stage output")] = Path(
-        "data/evaluate/seed"
-    ),
-    test: Annotated[Path, typer.Option(help="test set .npz")] = Path("data/prepared/test.npz"),
-    out: Annotated[Path, typer.Option(help="report folder")] = Path("data/report/seed"),
+    model: Annotated[Path, typer.Option(help="model file")] = DEFAULT_MODEL_FILE,
+    eval_dir: Annotated[Path, typer.Option(help="evaluate stage output")] = DEFAULT_EVAL_DIR,
+    test: Annotated[Path, typer.Option(help="test set .npz")] = Path(TEST_SET),
+    out: Annotated[Path, typer.Option(help="report folder")] = DEFAULT_REPORT_DIR,
     recipe: RecipeOpt = DEFAULT_RECIPE,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:

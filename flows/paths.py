@@ -1,4 +1,4 @@
-"""Where the commands look by default: params.yaml, the project folder, the model files.
+"""Where the commands look by default: params.yaml, the project folder, the stage outputs.
 
 Defaults relative to the project are found from the nearest folder, from the current one
 up, that holds dvc.yaml (so `digitflow predict` works from any subfolder); without one,
@@ -11,8 +11,18 @@ from pathlib import Path
 
 DEFAULT_PARAMS = Path("params.yaml")
 PROJECT_MARKER = "dvc.yaml"
-# The pipeline's model files (dvc.yaml `train` outs); predict uses params.yaml predict.model
-MODEL_FILE = "data/models/{name}/model.pt"
+# The stages' outputs, {name} being a pipeline model (a key of params.yaml `models`): the
+# CLI's defaults, the flows' and benchmarks' reads. dvc.yaml, the DAG, spells the same paths
+# (YAML cannot import them); tests/test_cli_errors.py checks that both agree.
+RAW_DIR = "data/raw"
+PREPARED_DIR = "data/prepared"
+TEST_SET = f"{PREPARED_DIR}/test.npz"
+MODEL_FILE = "data/models/{name}/model.pt"  # predict uses params.yaml predict.model's
+TRAIN_DIR = "data/train/{name}"  # dvclive's metrics.json and plots
+CHECKPOINT_FILE = "data/checkpoints/{name}.pt"  # transient: git-ignored, not a DVC out
+EVAL_DIR = "data/evaluate/{name}"
+REPORT_DIR = "data/report/{name}"
+DEFAULT_MODEL = "seed"  # the one model the stage commands' defaults name (params.yaml models)
 
 
 def project_root(start: Path | None = None) -> Path | None:
@@ -36,3 +46,8 @@ def default_path(relative: Path) -> tuple[Path, str]:
 def model_file(name: str) -> Path:
     """The pipeline's model file of model ``name`` (a key of params.yaml `models`)."""
     return Path(MODEL_FILE.format(name=name))
+
+
+def stage_path(template: str, name: str = DEFAULT_MODEL) -> Path:
+    """One of the templates above for pipeline model ``name``."""
+    return Path(template.format(name=name))
