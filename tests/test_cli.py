@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from tasks.download import MNIST_FILES, MNIST_SIZES
+from tests.local_http import serve
 
 runner = CliRunner()
 DIGITFLOW = str(Path(sys.executable).parent / "digitflow")  # the console script: main()
@@ -138,17 +139,12 @@ class _Drip(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def dripping_server() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Drip)
-    server.daemon_threads = True
     _Drip.stop.clear()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        _Drip.stop.set()
-        server.shutdown()
-        server.server_close()
+    with serve(_Drip) as url:
+        try:
+            yield f"{url}/"
+        finally:
+            _Drip.stop.set()  # before shutdown: the handler's drip loop ends with it
 
 
 def _size(path: Path) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import http.server
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 
 from tasks.download import MNIST_FILES, DownloadError, download_mnist, load_checksums
 from tasks.idx import read_images, write_idx
+from tests.local_http import serve
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -34,12 +34,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def server() -> Iterator[tuple[str, type[_Handler]]]:
     handler = type("Handler", (_Handler,), {"routes": {}, "hits": []})
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", handler
-    httpd.shutdown()
-    httpd.server_close()
+    with serve(handler) as url:
+        yield url, handler
 
 
 def _serve_all(handler: type[_Handler], prefix: str, mirror: Path) -> None:
@@ -134,18 +130,12 @@ def test_transient_error_then_success_is_retried(server, tiny_mnist: Path, tmp_p
                 self.routes[f"/a/{name}.gz"] = (200, body)
             super().do_GET()
 
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
+    with serve(Flaky) as url:
         sums = load_checksums(tiny_mnist / "checksums.json")
         delays: list[float] = []
         out = download_mnist(
-            tmp_path / "raw", [f"http://127.0.0.1:{httpd.server_address[1]}/a"],
-            backoff_s=0.25, checksums=sums, sleep=delays.append,
-        )  # fmt: skip
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+            tmp_path / "raw", [f"{url}/a"], backoff_s=0.25, checksums=sums, sleep=delays.append
+        )
     assert len(out) == 4 and delays == [0.25, 0.5]
 
 

@@ -29,6 +29,7 @@ from tasks.download import (
     download_mnist,
     load_checksums,
 )
+from tests.local_http import serve
 from tests.memory import digitflow_argv, peak_mb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,12 +90,8 @@ def _stream(head: bytes, tail: bytes, pause_s: float = 0.0) -> Route:
 @pytest.fixture
 def server() -> Iterator[tuple[str, type[_Handler]]]:
     handler = type("Handler", (_Handler,), {"routes": {}, "hits": []})
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", handler
-    httpd.shutdown()
-    httpd.server_close()
+    with serve(handler) as url:
+        yield url, handler
 
 
 def _serve_good(handler: type[_Handler], prefix: str, tiny_mnist: Path) -> None:
