@@ -39,12 +39,6 @@ def atomic_open(path: Path, mode: str = "wb", **kwargs) -> Iterator[IO]:
         yield fh
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    with atomic_open(path, "wb") as fh:
-        fh.write(data)
-    return path
-
-
 def atomic_write_text(path: Path, text: str) -> Path:
     with atomic_open(path, "w", encoding="utf-8") as fh:
         fh.write(text)
