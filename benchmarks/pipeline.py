@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from flows.pipeline import EVAL_METRICS, eval_path
+from flows.paths import EVAL_METRICS, eval_path
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_TARGET_S = 180  # the whole `dvc repro` on a 2-core CPU (issue: under 3 minutes)

@@ -14,6 +14,8 @@ PROJECT_MARKER = "dvc.yaml"
 # The stages' outputs, {name} being a pipeline model (a key of params.yaml `models`): the
 # CLI's defaults, the flows' and benchmarks' reads. dvc.yaml, the DAG, spells the same paths
 # (YAML cannot import them); tests/test_cli_errors.py checks that both agree.
+# the params stage's stamp: written only when params.yaml is valid; every stage depends on it
+PARAMS_STAMP = "data/params.ok"
 RAW_DIR = "data/raw"
 PREPARED_DIR = "data/prepared"
 TEST_SET = f"{PREPARED_DIR}/test.npz"
@@ -22,6 +24,11 @@ TRAIN_DIR = "data/train/{name}"  # dvclive's metrics.json and plots
 CHECKPOINT_FILE = "data/checkpoints/{name}.pt"  # transient: git-ignored, not a DVC out
 EVAL_DIR = "data/evaluate/{name}"
 REPORT_DIR = "data/report/{name}"
+# The evaluate stage's files in its folder. The flows publish and judge the prediction
+# model's (params.yaml predict.model).
+EVAL_METRICS = "metrics.json"
+EVAL_CLASSES = "classes.json"
+EVAL_CONFUSION = "confusion.csv"
 DEFAULT_MODEL = "seed"  # the one model the stage commands' defaults name (params.yaml models)
 
 
@@ -46,6 +53,11 @@ def default_path(relative: Path) -> tuple[Path, str]:
 def model_file(name: str) -> Path:
     """The pipeline's model file of model ``name`` (a key of params.yaml `models`)."""
     return Path(MODEL_FILE.format(name=name))
+
+
+def eval_path(model: str, file: str) -> str:
+    """The evaluate stage's output ``file`` for pipeline model ``model``, relative to the repo."""
+    return f"{EVAL_DIR.format(name=model)}/{file}"
 
 
 def stage_path(template: str, name: str = DEFAULT_MODEL) -> Path:

@@ -27,24 +27,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from flows.paths import EVAL_DIR
+from flows.paths import EVAL_CLASSES, EVAL_CONFUSION, EVAL_METRICS, eval_path
 
 # Stable artifact keys (Prefect keeps their history across runs under the same key).
 ARTIFACT_METRICS = "digitflow-metrics"
 ARTIFACT_PER_CLASS = "digitflow-per-class"
 ARTIFACT_CONFUSION = "digitflow-confusion-matrix"
-
-# The evaluate stage's files in its folder (flows/paths.py EVAL_DIR). The flows publish
-# and judge the prediction model's (params.yaml predict.model).
-EVAL_METRICS = "metrics.json"
-EVAL_CLASSES = "classes.json"
-EVAL_CONFUSION = "confusion.csv"
-
-
-def eval_path(model: str, file: str) -> str:
-    """The evaluate stage's output ``file`` for pipeline model ``model``, relative to the repo."""
-    return f"{EVAL_DIR.format(name=model)}/{file}"
-
 
 # dvc.yaml `meta` key marking a stage that talks to the network (today: download). The flow
 # gives such stages Prefect-level retries (params.yaml pipeline.download_retries): a server
@@ -250,6 +238,9 @@ def run_stage(root: str, target: str, dvc_push_hint: bool = True) -> dict[str, A
     """
     logger = get_run_logger()
     status = repro_status(root, target)
+    if status == "skipped":  # DVC would do nothing: spare its start-up (seconds a stage)
+        logger.info("stage %s is up to date", target)
+        return {"stage": target, "status": status, "seconds": 0.0}
     start = time.perf_counter()
     proc = _run_stoppable(dvc_command("repro", "--single-item", target), root, dvc_env(root))
     seconds = time.perf_counter() - start

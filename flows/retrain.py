@@ -50,14 +50,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.pipeline import (
-    EVAL_CLASSES,
-    EVAL_METRICS,
-    TAG_PREFIX,
-    eval_path,
-    latest_champion,
-    training_pipeline,
-)
+from flows.paths import EVAL_CLASSES, EVAL_METRICS, eval_path
+from flows.pipeline import TAG_PREFIX, latest_champion, training_pipeline
 from tasks.config import ParamsError, RetrainParams
 from tasks.io import atomic_write_text
 

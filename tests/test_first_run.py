@@ -114,6 +114,41 @@ def test_run_on_the_temporary_server_prints_no_traceback_and_no_library_chatter(
     assert (repo / "hello.txt").read_text() == "hi"
 
 
+def test_run_with_nothing_to_do_says_so_once_and_starts_no_flow(
+    hello_repo: tuple[Path, dict[str, str]],
+) -> None:
+    repo, env = hello_repo
+    _ok([sys.executable, "-m", "dvc", "repro"], repo, env)  # now up to date
+    proc = _digitflow(repo, env, "run")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("up to date") == 1, proc.stdout
+    assert "No flow run started" in proc.stdout
+    assert "prefect" not in (proc.stdout + proc.stderr).lower()  # no server was started
+    # each pipeline model's test accuracy (none evaluated in this repo yet)
+    models = yaml.safe_load((repo / "params.yaml").read_text())["models"]
+    assert all(re.search(rf"^{m}\s+–$", proc.stdout, re.MULTILINE) for m in models)
+
+
+def test_run_summary_aligns_its_columns_whatever_the_stage_names() -> None:
+    from flows.summary import run_summary
+
+    stages = [
+        {"stage": "params", "status": "skipped", "seconds": 0.0},
+        {"stage": "train@robust", "status": "ran", "seconds": 123.45},
+    ]
+    text = run_summary(stages, {"seed": 0.98351, "robust": None})
+    table, models = text.split("\n\n")
+    rows = table.splitlines()
+    statuses = ("status", "skipped", "ran")
+    assert {row.index(s) for row, s in zip(rows, statuses, strict=True)} == {14}
+    assert {len(row) for row in rows} == {len(rows[0])}  # the time column ends in one place
+    assert rows[2].endswith("123.5 s")
+    header, seed, robust = models.splitlines()
+    assert header.split() == ["model", "test", "accuracy"]
+    assert seed.split() == ["seed", "0.9835"] and robust.split() == ["robust", "–"]
+    assert len(header) == len(seed) == len(robust)  # numbers aligned right, under the header
+
+
 # --- issue 10, item 4: retrain's messages --------------------------------------------
 
 

@@ -42,7 +42,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 # train, evaluate and report run once per pipeline model (params.yaml `models`, dvc.yaml foreach).
 MODELS = ["seed", "robust"]
 STAGES = [
-    "download", "split",
+    "params", "download", "split",
     *(f"{stage}@{m}" for stage in ("train", "evaluate", "report") for m in MODELS),
 ]  # fmt: skip
 SERVED = "robust"  # params.yaml predict.model: the model the flows publish and judge
@@ -347,7 +347,10 @@ def test_failing_download_is_retried_then_fails_the_flow_with_its_message(
     assert "stage 'download' failed" in state.message
     assert str(missing) in state.message  # the stage's own error output, not just an exit code
     runs = _task_runs(state.state_details.flow_run_id)
-    assert [r.name for r in runs] == ["download"]  # nothing downstream was attempted
+    # the params check passed; nothing downstream of download was attempted
+    assert [r.name for r in runs] == ["params", "download"]
+    assert runs[0].run_count == 1  # a local stage: never retried
+    runs = runs[1:]
     assert runs[0].run_count == 3  # 1 try + pipeline.download_retries (2)
     assert runs[0].state.is_failed()
     # exponential backoff: pipeline.retry_delay_s (0.1) first, doubling on each further retry
@@ -376,7 +379,8 @@ def test_stage_commands_import_the_code_of_the_repo_being_reproduced(
     """Not the editable install's tree (this checkout): a retrain worktree runs its own code."""
     repo = make_repo(tmp_path / "repo")
     dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
-    dvc_yaml["stages"] = {"download": dvc_yaml["stages"]["download"]}  # cheap: one stage
+    # cheap: download and the params check it depends on
+    dvc_yaml["stages"] = {name: dvc_yaml["stages"][name] for name in ("params", "download")}
     (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
     # harmless edits of this repo's copy of the code the stage command runs
     _patch_source(  # the log line naming each downloaded file and where it came from
@@ -410,8 +414,8 @@ def test_pipeline_runs_stages_in_order_resumes_after_a_failure_and_skips_when_up
     failed = training_pipeline(root=str(repo), return_state=True)
     assert failed.is_failed() and "stage 'train@seed' failed" in failed.message
     runs = _task_runs(failed.state_details.flow_run_id)
-    assert [r.name for r in runs] == ["download", "split", "train@seed"]
-    assert [r.state.type.value for r in runs] == ["COMPLETED", "COMPLETED", "FAILED"]
+    assert [r.name for r in runs] == ["params", "download", "split", "train@seed"]
+    assert [r.state.type.value for r in runs] == ["COMPLETED", "COMPLETED", "COMPLETED", "FAILED"]
 
     # 2. fixed: the rerun resumes at train (DVC skips download and split)
     _edit_params(repo, train=TINY_RECIPES)
@@ -419,7 +423,9 @@ def test_pipeline_runs_stages_in_order_resumes_after_a_failure_and_skips_when_up
     assert state.is_completed(), state.message
     statuses = {r["stage"]: r["status"] for r in state.result()}
     assert {k: statuses[k] for k in STAGES} == {
-        "download": "skipped", "split": "skipped", **dict.fromkeys(STAGES[2:], "ran"),
+        # the edited params.yaml is checked again; download and split are up to date
+        "params": "ran", "download": "skipped", "split": "skipped",
+        **dict.fromkeys(STAGES[3:], "ran"),
     }  # fmt: skip
     flow_run_id = state.state_details.flow_run_id
     assert [r.name for r in _task_runs(flow_run_id)][: len(STAGES)] == STAGES  # dependency order

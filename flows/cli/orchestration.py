@@ -48,14 +48,21 @@ def run(
     """Run the training pipeline (the dvc.yaml stages) as a Prefect flow."""
     if not (root / PROJECT_MARKER).is_file():  # refused before Prefect starts a server
         raise UsageError(f"no {PROJECT_MARKER} in {root}: --root must be a git + DVC repository")
+    from flows.summary import UP_TO_DATE, model_accuracies, pipeline_up_to_date, run_summary
+    from tasks.config import load_params
+
+    models = load_params(root / "params.yaml").models  # a bad params.yaml: exit 2 here
+    if pipeline_up_to_date(root):  # nothing to run: answered by DVC, no Prefect server started
+        typer.echo(f"{UP_TO_DATE} No flow run started.")
+        typer.echo(run_summary([], model_accuracies(root, models)))
+        return
     from flows.pipeline import training_pipeline
 
     state = training_pipeline(root=str(root), baseline=baseline, return_state=True)
     if not state.is_completed():
         typer.echo(f"error: pipeline {state.name}: {state.message}", err=True)
         raise typer.Exit(1)
-    for stage in state.result():
-        typer.echo(f"{stage['stage']:<10} {stage['status']:<8} {stage['seconds']:8.1f} s")
+    typer.echo(run_summary(state.result(), model_accuracies(root, models)))
 
 
 def _refuse_bad_overrides(root: Path, overrides: list[str]) -> None:

@@ -19,6 +19,7 @@ from flows.paths import (
     DEFAULT_PARAMS,
     EVAL_DIR,
     MODEL_FILE,
+    PARAMS_STAMP,
     PREPARED_DIR,
     RAW_DIR,
     REPORT_DIR,
@@ -43,6 +44,25 @@ DEFAULT_EVAL_DIR = stage_path(EVAL_DIR)
 DEFAULT_REPORT_DIR = stage_path(REPORT_DIR)
 # JSON {file name: sha256} replacing MNIST's checksums, for MNIST-format data of your own
 CHECKSUMS_ENV = "DIGITFLOW_MNIST_CHECKSUMS"
+
+
+@app.command("check-params", rich_help_panel=PANEL)
+@expected_errors
+def check_params(
+    out: Annotated[Path, typer.Option(help="stamp written when the params are valid")] = Path(
+        PARAMS_STAMP
+    ),
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Validate params.yaml; the first stage, so a bad value fails before DVC removes outputs."""
+    from tasks.config import load_params
+    from tasks.io import atomic_write_text
+
+    load_params(params)
+    # the same bytes every time: a valid edit of params.yaml re-runs only the stages whose
+    # own params changed, not every stage that depends on this stamp
+    atomic_write_text(out, f"{params.name}: valid\n")
+    typer.echo(f"{params}: valid")
 
 
 @app.command(rich_help_panel=PANEL)
