@@ -74,7 +74,8 @@ def batch_predict(
     log = get_run_logger()
     if chunk_size < 1:
         raise PredictUsageError(f"chunk size must be >= 1, got {chunk_size}")
-    paths = plan_inputs(inputs, Path(out_path), fmt, batch_size, workers, debug_dir)
+    planned = plan_inputs(inputs, Path(out_path), fmt, batch_size, workers, debug_dir)
+    paths = planned.paths
     # refuse a bad model here, once, rather than in every chunk task
     loaded = load_model(Path(model_path))
     chunks = chunked(paths, chunk_size)
@@ -96,9 +97,11 @@ def batch_predict(
             yield from pending.popleft().result()
 
     n_classes = len(loaded.classes)
-    return write_predictions(
+    summary = write_predictions(
         rows_in_order(), out_path, fmt, n_classes, len(paths), progress, "batch-predict"
     )
+    summary.skipped = planned.skipped
+    return summary
 
 
 def check_dask_scheduler(address: str, timeout: float = DASK_CONNECT_TIMEOUT_S) -> None:

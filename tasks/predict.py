@@ -17,6 +17,7 @@ import heapq
 import json
 import os
 import re
+import stat
 import tempfile
 import threading
 import time
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from tasks.decode import read_header
 from tasks.io import atomic_open
 from tasks.model import load_model, normalize_uint8
 from tasks.preprocess import Prepared, encode_png, prepare_file, set_opencv_threads
@@ -49,6 +51,9 @@ IMAGE_SUFFIXES = frozenset(
         ".jp2", ".j2k", ".jpf", ".jpx", ".pfm", ".avif",
     }
 )  # fmt: skip
+# bytes read to tell an image from another file in a folder walk: every header read_header
+# knows fits (a TIFF whose directory lies further on, named without .tif, counts as other)
+SNIFF_BYTES = 4096
 DECODE_CHUNK = 32  # files per thread-pool task: amortizes the executor's per-task overhead
 JIT_DEPRECATION = r"`torch\.jit\.\w+` is deprecated"  # torch.jit FutureWarnings
 INFER_SLICE = 64  # images per network call (see Classifier.probabilities)
@@ -87,6 +92,7 @@ class PredictSummary:
     ok: int = 0
     empty: int = 0
     error: int = 0
+    skipped: int = 0  # files of the folder walks that are not images: no row
     seconds: float = 0.0
     first_problems: list[Row] = field(default_factory=list)  # the first non-ok rows, for the log
 
@@ -166,16 +172,50 @@ def _walk(top: str) -> Iterator[str]:
     yield from unreadable
 
 
-def expand_inputs(inputs: Iterable[Path | str], exclude: Iterable[Path] = ()) -> list[str]:
+def is_other_file(path: str) -> bool:
+    """A readable regular file that is not an image by its suffix nor by its first bytes.
+
+    What a folder walk skips (a README, a sources.csv). Anything that cannot be read as a
+    regular file is not "other": its row says what is wrong with it. Opened non-blocking,
+    so a FIFO cannot hang the walk.
+    """
+    if os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        head = os.read(fd, SNIFF_BYTES)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return read_header(head) is None
+
+
+@dataclass
+class Inputs:
+    """The files to classify, sorted, and how many other files the folder walks skipped."""
+
+    paths: list[str]
+    skipped: int = 0
+
+
+def expand_inputs(inputs: Iterable[Path | str], exclude: Iterable[Path] = ()) -> Inputs:
     """Files, folders (recursive) and glob patterns -> sorted, de-duplicated path strings.
 
     A path that does not exist and a pattern that matches nothing are kept as they
     are, so they get an error row instead of vanishing. ``exclude`` (the output
-    file) is left out.
+    file) is left out. Files found in a folder that are not images (is_other_file)
+    are skipped and counted; a file named on the command line always gets its row.
     """
     excluded = {os.path.realpath(p) for p in exclude}
     excluded_names = {os.path.basename(p) for p in excluded}
     found: set[str] = set()
+    walked: set[str] = set()
     for item in inputs:
         arg = os.fspath(item)
         if os.path.isdir(arg) and not _is_image_named_dir(arg):
@@ -186,15 +226,17 @@ def expand_inputs(inputs: Iterable[Path | str], exclude: Iterable[Path] = ()) ->
             matches = [arg]
         for m in matches:
             if os.path.isdir(m) and not _is_image_named_dir(m):
-                found.update(os.path.normpath(p) for p in _walk(m))
+                walked.update(os.path.normpath(p) for p in _walk(m))
             else:
                 found.add(os.path.normpath(m))
+    others = {p for p in walked - found if is_other_file(p)}
     # realpath (a few syscalls) only for files named like an excluded one
-    return sorted(
+    paths = sorted(
         p
-        for p in found
+        for p in (found | walked) - others
         if os.path.basename(p) not in excluded_names or os.path.realpath(p) not in excluded
     )
+    return Inputs(paths, skipped=len(others))
 
 
 # --------------------------------------------------------------------------- decoding
@@ -497,17 +539,20 @@ def plan_inputs(
     batch_size: int,
     workers: int,
     debug_dir: Path | None = None,
-) -> list[str]:
+) -> Inputs:
     """Check the options, then expand ``inputs``: the sorted files to classify.
 
     The first step of `digitflow predict` and of the batch_predict flow. Raises
     PredictUsageError for options that cannot work and when there is nothing to do.
     """
     check_options(out_path, fmt, batch_size, workers, debug_dir)
-    paths = expand_inputs(inputs, exclude=[out_path])
-    if not paths:
-        raise PredictUsageError("no input files (the folders are empty or hold only hidden files)")
-    return paths
+    planned = expand_inputs(inputs, exclude=[out_path])
+    if not planned.paths:
+        raise PredictUsageError(
+            f"no input files (the folders are empty or hold only hidden files"
+            f"{f' and {planned.skipped} non-image files' if planned.skipped else ''})"
+        )
+    return planned
 
 
 def write_predictions(
@@ -555,7 +600,8 @@ def predict_paths(
     a row with status "error" or "empty" and a message.
     """
     t0 = time.perf_counter()
-    paths = plan_inputs(inputs, Path(out_path), fmt, batch_size, workers, debug_dir)
+    planned = plan_inputs(inputs, Path(out_path), fmt, batch_size, workers, debug_dir)
+    paths = planned.paths
     classifier = Classifier.from_file(model_path)  # ModelFileError: refused, nothing run
     debug = None if debug_dir is None else Path(debug_dir)
     if debug is not None:
@@ -565,6 +611,7 @@ def predict_paths(
         summary = write_predictions(
             rows, out_path, fmt, len(classifier.classes), len(paths), progress, "predict"
         )
+    summary.skipped = planned.skipped
     summary.seconds = time.perf_counter() - t0
     return summary
 

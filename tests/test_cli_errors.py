@@ -21,7 +21,7 @@ from flows.cli.errors import EXPECTED_ERRORS, USAGE_EXIT
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 PANELS = {
-    "Pipeline stages": ["download", "split", "train", "evaluate", "report"],
+    "Pipeline stages": ["check-params", "download", "split", "train", "evaluate", "report"],
     "Prediction": ["predict", "batch-predict"],
     "Prefect flows": ["run", "retrain", "serve"],
 }
@@ -40,6 +40,9 @@ def _args(command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"\x00not a model" * 10)
     nowhere = tmp_path / "missing"
+    if command == "check-params":  # ParamsError, and no stamp written
+        return ["check-params", "--out", str(tmp_path / "params.ok"),
+                "--params", str(_bad_params(tmp_path))]  # fmt: skip
     if command == "download":  # DownloadError: the only source is not there
         params = tmp_path / "params.yaml"
         params.write_text(yaml.safe_dump({"download": {"mirrors": [], "retries": 1}}))

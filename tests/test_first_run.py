@@ -149,6 +149,16 @@ def test_run_summary_aligns_its_columns_whatever_the_stage_names() -> None:
     assert len(header) == len(seed) == len(robust)  # numbers aligned right, under the header
 
 
+def test_quickstart_puts_the_environment_on_path_before_a_command_needs_it() -> None:
+    """README's first command that needs the venv (dvc, digitflow, ...) comes after activation."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    needs_venv = re.compile(r"^(dvc|digitflow|prefect|python) ", re.MULTILINE)
+    first_use = next(i for i, block in enumerate(blocks) if needs_venv.search(block))
+    activated = next(i for i, b in enumerate(blocks) if "source .venv/bin/activate" in b)
+    assert activated < first_use
+    assert "make env" in blocks[activated]  # the venv exists by then
+
+
 # --- issue 10, item 4: retrain's messages --------------------------------------------
 
 

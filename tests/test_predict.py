@@ -225,7 +225,51 @@ def test_inputs_expand_sorted_deduplicated(tmp_path: Path, monkeypatch: pytest.M
         write_png(tmp_path / name, REFERENCES[0])
     monkeypatch.chdir(tmp_path)
     got = expand_inputs(["sub", "./sub/c.png", "*.png", "a.jpg", "nothing-*.png"])
-    assert got == ["a.jpg", "b.png", "nothing-*.png", "sub/c.png", "sub/deeper/d.bmp"]
+    assert got.paths == ["a.jpg", "b.png", "nothing-*.png", "sub/c.png", "sub/deeper/d.bmp"]
+    assert got.skipped == 0
+
+
+def test_a_folder_walk_skips_other_files_and_counts_them(
+    tmp_path: Path, model_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A README and a sources.csv beside the images: skipped, counted, not error rows."""
+    folder = tmp_path / "digits"
+    write_png(folder / "a.png", REFERENCES[3])
+    (folder / "photo_no_suffix").write_bytes(png_bytes(REFERENCES[5]))  # an image by its bytes
+    (folder / "README.md").write_text("# my digits\n")
+    (folder / "sources.csv").write_text("file,label\na.png,3\n")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")  # named as an image: its row says why
+    os.mkfifo(folder / "pipe")  # cannot be sniffed without blocking: kept, gets its row
+    named = tmp_path / "notes.txt"  # named on the command line: always a row
+    named.write_text("not an image")
+    out = tmp_path / "o.csv"
+
+    summary = predict_paths([folder, named], model_file, out, progress=False)
+
+    rows = {os.path.basename(r["path"]): r["status"] for r in read_csv(out)}
+    assert rows == {
+        "a.png": "ok", "photo_no_suffix": "ok", "broken.jpg": "error", "pipe": "error",
+        "notes.txt": "error",
+    }  # fmt: skip
+    assert (summary.total, summary.skipped) == (5, 2)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PredictUsageError, match="2 non-image files"):
+        only_others = tmp_path / "others"
+        for name in ("README.md", "sources.csv"):
+            (only_others / name).parent.mkdir(exist_ok=True)
+            (only_others / name).write_text("text")
+        predict_paths([only_others], model_file, tmp_path / "p.csv", progress=False)
+
+
+def test_predict_on_a_folder_with_other_files_exits_0_and_says_what_it_skipped(
+    tmp_path: Path, model_file: Path
+) -> None:
+    folder = tmp_path / "digits"
+    write_png(folder / "a.png", REFERENCES[3])
+    (folder / "README.md").write_text("# my digits\n")
+    result = cli(folder, "--model", model_file, "--out", tmp_path / "o.csv")
+    assert result.exit_code == 0, result.output
+    assert "1 files: 1 ok, 0 empty, 0 error; 1 non-image files skipped" in result.stderr
 
 
 def test_glob_matching_nothing_is_an_error_row(model_file: Path, tmp_path: Path) -> None:

@@ -125,9 +125,10 @@ def _format_for(out: Path, fmt: OutputFormat | None) -> str:
 def _report(summary: PredictSummary, allow_failures: bool) -> None:
     """Summary line (and the first problems) on stderr; exit 1 if any row is not ok."""
     rate = summary.total / summary.seconds if summary.seconds > 0 else 0.0
+    skipped = f"; {summary.skipped} non-image files skipped" if summary.skipped else ""
     typer.echo(
-        f"{summary.total} files: {summary.ok} ok, {summary.empty} empty, {summary.error} error "
-        f"-> {summary.out_path} ({summary.seconds:.1f} s, {rate:.0f} files/s)",
+        f"{summary.total} files: {summary.ok} ok, {summary.empty} empty, {summary.error} error"
+        f"{skipped} -> {summary.out_path} ({summary.seconds:.1f} s, {rate:.0f} files/s)",
         err=True,
     )
     for row in summary.first_problems[:MAX_PROBLEMS_SHOWN]:
