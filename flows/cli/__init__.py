@@ -34,21 +34,23 @@ for _commands in (stages.app, predict.app, orchestration.app):
 # logger (httpx, DVC, Prefect's client internals, ...) stays at WARNING: a run's output is
 # what digitflow did, not each HTTP request behind it. `-v` lowers both levels one step.
 OWN_LOGGERS = ("tasks", "flows")
-# Prefect's temporary server, which `digitflow run` / `retrain` / `batch-predict` start when
-# no PREFECT_API_URL is set, sends a telemetry heartbeat at start-up: offline it logs an
-# ERROR, and its write to the fresh SQLite database races the server's own ("database is
-# locked", a 60-line traceback) though the run succeeds. A user's own setting wins.
-ANALYTICS_ENV = "PREFECT_SERVER_ANALYTICS_ENABLED"
+# Prefect's telemetry: its temporary server, which `digitflow run` / `retrain` /
+# `batch-predict` start when no PREFECT_API_URL is set, sends a heartbeat at start-up
+# (offline: an ERROR, and a "database is locked" traceback when its write races the
+# server's own), and the client reports usage events unless DO_NOT_TRACK is set. prefect.toml
+# turns the server's off for commands run in the project folder; these cover the others
+# (`--root`, another cwd). A user's own setting wins.
+TELEMETRY_OFF = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
 
 
 def quiet_temporary_server() -> None:
-    """No telemetry from the Prefect server this process may start (unless the user set it).
+    """No telemetry from Prefect's client or a server this process starts (unless the user set it).
 
     Set in the environment, before Prefect reads its settings: the temporary server runs
-    in a child process that inherits it. Only a server reads this setting, so it changes
-    nothing when PREFECT_API_URL points at a real server.
+    in a child process that inherits it.
     """
-    os.environ.setdefault(ANALYTICS_ENV, "false")
+    for name, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(name, value)
 
 
 def configure_logging(verbose: bool) -> None:
