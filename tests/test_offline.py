@@ -7,6 +7,7 @@ off in the project's own config, as DVC and Prefect read it from the project fol
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,18 @@ def test_digitflow_turns_prefect_telemetry_off_wherever_it_runs(tmp_path: Path) 
         check=True,
     )  # fmt: skip
     assert proc.stdout.split()[0] == "0"
+
+
+@pytest.mark.slow
+def test_dvc_plots_page_loads_nothing_from_the_network(tmp_path: Path) -> None:
+    """`dvc plots show` writes a page with vega's scripts inline, not from a CDN."""
+    out = tmp_path / "plots"
+    subprocess.run(
+        [str(BIN / "dvc"), "plots", "show", "-o", str(out)], cwd=ROOT, env=_user_env(),
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    page = (out / "index.html").read_text()
+    # the page's own tags, the scripts' text left out
+    tags = re.sub(r"(<script\b[^>]*>).*?</script>", r"\1", page, flags=re.DOTALL | re.IGNORECASE)
+    assert not re.search(r"<(script|link|img)\b[^>]*\b(src|href)=", tags, re.IGNORECASE)
+    assert "vega-embed@6" in page and "vegaEmbed(" in page  # the scripts, and plots that use them
