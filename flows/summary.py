@@ -1,4 +1,4 @@
-"""What ``digitflow run`` prints: whether anything is to do, and the closing tables.
+"""Tables in the terminal: what ``digitflow run`` did (or that it had nothing to do), experiments.
 
 Kept apart from flows/pipeline.py, which imports Prefect: a run with nothing to do is
 answered from DVC alone, without starting a Prefect server.
@@ -36,7 +36,7 @@ def model_accuracies(root: Path, models: Iterable[str]) -> dict[str, float | Non
     return accuracies
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int]) -> list[str]:
+def text_table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int]) -> list[str]:
     """Columns as wide as their widest cell; the columns in ``right`` aligned right."""
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
@@ -53,9 +53,9 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int]
 def run_summary(stages: Iterable[Mapping[str, Any]], accuracies: Mapping[str, float | None]) -> str:
     """The stages' status and time, then each model's test accuracy, as aligned tables."""
     stage_rows = [(s["stage"], s["status"], f"{s['seconds']:.1f} s") for s in stages]
-    lines = _table(("stage", "status", "time"), stage_rows, right={2}) if stage_rows else []
+    lines = text_table(("stage", "status", "time"), stage_rows, right={2}) if stage_rows else []
     model_rows = [(name, "–" if acc is None else f"{acc:.4f}") for name, acc in accuracies.items()]
     if lines:
         lines.append("")
-    lines += _table(("model", "test accuracy"), model_rows, right={1})
+    lines += text_table(("model", "test accuracy"), model_rows, right={1})
     return "\n".join(lines)

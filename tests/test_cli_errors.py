@@ -24,6 +24,7 @@ PANELS = {
     "Pipeline stages": ["check-params", "download", "split", "train", "evaluate", "report"],
     "Prediction": ["predict", "batch-predict"],
     "Prefect flows": ["run", "retrain", "serve"],
+    "Experiments": ["exps"],
 }
 # A promotion rule of retrain: never overridable, refused before git or Prefect is asked
 FORBIDDEN_OVERRIDE = "retrain.max_class_drop=1"
@@ -68,8 +69,8 @@ def _args(command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list
     if command == "batch-predict":  # ParamsError, before Prefect is imported
         return ["batch-predict", str(tmp_path), "--model", str(junk),
                 "--params", str(_bad_params(tmp_path))]  # fmt: skip
-    if command == "run":  # UsageError: --root is not a DVC repository
-        return ["run", "--root", str(nowhere)]
+    if command in ("run", "exps"):  # UsageError: --root is not a DVC repository
+        return [command, "--root", str(nowhere)]
     # retrain, serve: RetrainError (an override of a promotion rule)
     return [command, "--root", str(tmp_path), "-S", FORBIDDEN_OVERRIDE]
 

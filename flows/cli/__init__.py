@@ -1,8 +1,9 @@
-"""The ``digitflow`` command line: one Typer app, in three groups of commands.
+"""The ``digitflow`` command line: one Typer app, in four groups of commands.
 
 - Pipeline stages (flows/cli/stages.py): one command per dvc.yaml stage, which calls them;
 - Prediction (flows/cli/predict.py): ``predict`` and ``batch-predict``;
-- Prefect flows (flows/cli/orchestration.py): ``run``, ``retrain`` and ``serve``.
+- Prefect flows (flows/cli/orchestration.py): ``run``, ``retrain`` and ``serve``;
+- Experiments (flows/cli/experiments.py): ``exps``, DVC's experiments as a short table.
 
 Every command follows one error policy (flows/cli/errors.py). Heavy imports (torch,
 OpenCV, Prefect, DVC) stay inside the commands, so the CLI starts fast.
@@ -16,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from flows.cli import orchestration, predict, stages
+from flows.cli import experiments, orchestration, predict, stages
 from flows.signals import sigterm_unwinds
 
 app = typer.Typer(
@@ -27,7 +28,7 @@ app = typer.Typer(
 )
 # Without a name, add_typer merges each module's commands into this app; each command
 # names its --help panel (rich_help_panel) where it is defined.
-for _commands in (stages.app, predict.app, orchestration.app):
+for _commands in (stages.app, predict.app, orchestration.app, experiments.app):
     app.add_typer(_commands)
 
 # digitflow's own loggers (the packages of this project): INFO by default. Every other
