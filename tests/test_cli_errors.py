@@ -7,6 +7,7 @@ exception the policy does not name) keeps its traceback, in a real `digitflow` p
 from __future__ import annotations
 
 import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -142,3 +143,24 @@ def test_a_bug_keeps_its_traceback(
     assert "Traceback (most recent call last)" in proc.stderr
     assert f"{error}: " in proc.stderr and "injected bug" in proc.stderr
     assert "error: " not in proc.stderr.splitlines()[-1]  # not turned into an expected error
+
+
+def test_version_prints_the_installed_version() -> None:
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"digitflow {version('digitflow')}"
+
+
+@pytest.mark.parametrize("command", [c for cs in PANELS.values() for c in cs])
+def test_help_names_values_as_a_person_would(command: str) -> None:
+    """`--out OUT`, a bare `--verbose`, `PATHS...`: not `<path>`, `<bool>` or `{paths}...`."""
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "100"})
+    assert result.exit_code == 0, result.output
+    usage = result.output.strip().splitlines()[0]
+    assert not re.search(r"[{}<>]", usage), usage
+    options = result.output[result.output.index("Options") :]
+    assert not re.search(r"<(bool|path|str|int|float|list)\b", options), options
+    main = runner.invoke(app, ["--help"], env={"COLUMNS": "100"}).output
+    assert "<bool>" not in main and "--version" in main

@@ -18,9 +18,11 @@ from typing import Annotated
 import typer
 
 from flows.cli import experiments, orchestration, predict, stages
+from flows.cli.help import Group
 from flows.signals import sigterm_unwinds
 
 app = typer.Typer(
+    cls=Group,
     help="digitflow: handwritten-digit recognition as a reproducible pipeline.",
     no_args_is_help=True,
     add_completion=False,
@@ -65,10 +67,24 @@ def configure_logging(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"digitflow {version('digitflow')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="debug logs, and libraries' INFO logs")
+    ] = False,
+    _version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="print the version and exit", callback=_print_version, is_eager=True
+        ),
     ] = False,
 ) -> None:
     configure_logging(verbose)

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from flows.cli.errors import UsageError, expected_errors
+from flows.cli.help import Command
 from flows.paths import EVAL_METRICS, PROJECT_MARKER, eval_path
 
 PANEL = "Experiments"  # their group in `digitflow --help`
@@ -44,7 +45,7 @@ def _cell(value: Any, column: str) -> str:
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
-@app.command("exps", rich_help_panel=PANEL)
+@app.command("exps", rich_help_panel=PANEL, cls=Command)
 @expected_errors
 def exps(
     model: Annotated[str, typer.Option(help="pipeline model (params.yaml `models`)")] = "robust",

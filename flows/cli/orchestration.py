@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from flows.cli.errors import UsageError, expected_errors
+from flows.cli.help import Command
 from flows.paths import PROJECT_MARKER
 
 PANEL = "Prefect flows"  # their group in `digitflow --help`
@@ -25,6 +26,7 @@ SetOpt = Annotated[
     typer.Option(
         "--set-param",
         "-S",
+        metavar="KEY=VALUE",
         help="param override for the challenger, Hydra syntax as in `dvc exp run -S` "
         "(e.g. -S train.robust.epochs=10, -S models.robust=improved); repeatable. "
         "The retrain.* promotion rules cannot be overridden: they are read from "
@@ -36,7 +38,7 @@ DEFAULT_SERVER_API = "http://127.0.0.1:4200/api"
 DEPLOYMENT_NAME = "digitflow-retrain"
 
 
-@app.command("run", rich_help_panel=PANEL)
+@app.command("run", rich_help_panel=PANEL, cls=Command)
 @expected_errors
 def run(
     root: RootOpt = Path("."),
@@ -77,7 +79,7 @@ def _refuse_bad_overrides(root: Path, overrides: list[str]) -> None:
     validate_overrides(root, overrides)
 
 
-@app.command("retrain", rich_help_panel=PANEL)
+@app.command("retrain", rich_help_panel=PANEL, cls=Command)
 @expected_errors
 def retrain(root: RootOpt = Path("."), set_param: SetOpt = None) -> None:
     """Train a challenger and promote it (tag model@vN) only if it beats the champion."""
@@ -118,7 +120,7 @@ def api_problem() -> str | None:
     return None
 
 
-@app.command("serve", rich_help_panel=PANEL)
+@app.command("serve", rich_help_panel=PANEL, cls=Command)
 @expected_errors
 def serve(
     cron: Annotated[str, typer.Option(help="cron schedule of the retrain runs")] = "0 3 * * 1",

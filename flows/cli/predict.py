@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from flows.cli.errors import UsageError, expected_errors
+from flows.cli.help import Command
 from flows.paths import DEFAULT_PARAMS, default_path, model_file
 from flows.signals import sigterm_unwinds
 
@@ -139,7 +140,7 @@ def _report(summary: PredictSummary, allow_failures: bool) -> None:
         raise typer.Exit(1)
 
 
-@app.command("predict", rich_help_panel=PANEL)
+@app.command("predict", rich_help_panel=PANEL, cls=Command)
 @expected_errors
 def predict(
     paths: PathsArg,
@@ -176,7 +177,7 @@ def predict(
     _report(summary, allow_failures)
 
 
-@app.command("batch-predict", rich_help_panel=PANEL)
+@app.command("batch-predict", rich_help_panel=PANEL, cls=Command)
 @expected_errors
 def batch_predict(
     paths: PathsArg,

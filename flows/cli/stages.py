@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from flows.cli.errors import expected_errors
+from flows.cli.help import Command
 from flows.paths import (
     CHECKPOINT_FILE,
     DEFAULT_PARAMS,
@@ -46,7 +47,7 @@ DEFAULT_REPORT_DIR = stage_path(REPORT_DIR)
 CHECKSUMS_ENV = "DIGITFLOW_MNIST_CHECKSUMS"
 
 
-@app.command("check-params", rich_help_panel=PANEL)
+@app.command("check-params", rich_help_panel=PANEL, cls=Command)
 @expected_errors
 def check_params(
     out: Annotated[Path, typer.Option(help="stamp written when the params are valid")] = Path(
@@ -65,7 +66,7 @@ def check_params(
     typer.echo(f"{params}: valid")
 
 
-@app.command(rich_help_panel=PANEL)
+@app.command(rich_help_panel=PANEL, cls=Command)
 @expected_errors
 def download(
     out: Annotated[Path, typer.Option(help="folder for the raw IDX files")] = Path(RAW_DIR),
@@ -92,7 +93,7 @@ def download(
     typer.echo(f"downloaded {len(files)} files to {out}")
 
 
-@app.command(rich_help_panel=PANEL)
+@app.command(rich_help_panel=PANEL, cls=Command)
 @expected_errors
 def split(
     raw: Annotated[Path, typer.Option(help="folder of raw IDX files")] = Path(RAW_DIR),
@@ -108,7 +109,7 @@ def split(
     typer.echo("wrote " + ", ".join(str(v) for v in paths.values()))
 
 
-@app.command(rich_help_panel=PANEL)
+@app.command(rich_help_panel=PANEL, cls=Command)
 @expected_errors
 def train(
     data: Annotated[Path, typer.Option(help="folder with train.npz and val.npz")] = Path(
@@ -140,7 +141,7 @@ def train(
     )
 
 
-@app.command(rich_help_panel=PANEL)
+@app.command(rich_help_panel=PANEL, cls=Command)
 @expected_errors
 def evaluate(
     model: Annotated[Path, typer.Option(help="model file")] = DEFAULT_MODEL_FILE,
@@ -163,7 +164,7 @@ def evaluate(
     typer.echo(f"test accuracy {result.metrics['accuracy']:.4f} -> {result.metrics_path}")
 
 
-@app.command(rich_help_panel=PANEL)
+@app.command(rich_help_panel=PANEL, cls=Command)
 @expected_errors
 def report(
     model: Annotated[Path, typer.Option(help="model file")] = DEFAULT_MODEL_FILE,
