@@ -422,6 +422,14 @@ def _tag(worktree: Path, identity: tuple[str, ...], tag: str, message: str, comm
     _git(worktree, *identity, "tag", "-a", tag, "-m", message, commit)
 
 
+def _metric(value: Any) -> str:
+    """A metric in a table cell: 4 decimals for a float (a loss of 0.015143460929393768 reads
+    0.0151), integers as they are, '–' when there is none."""
+    if value is None:
+        return "–"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
 def decision_markdown(
     decision: Decision,
     champion: str | None,
@@ -439,9 +447,11 @@ def decision_markdown(
     lines += [f"| metric | {champion or 'champion'} | challenger |", "|---|---|---|"]
     for key in ("accuracy", "loss", "macro_f1", "errors"):
         old = champion_metrics.get(key) if champion_metrics else None
-        lines.append(f"| {key} | {old if old is not None else '–'} | {challenger_metrics[key]} |")
+        lines.append(f"| {key} | {_metric(old)} | {_metric(challenger_metrics[key])} |")
     if decision.recall_drops:
-        lines += ["", "| class | recall drop vs champion |", "|---|---|"]
+        # what the challenger was compared with: the champion tag, or HEAD before the first
+        against = f"`{champion}`" if champion else "the champion"
+        lines += ["", f"| class | recall drop vs {against} |", "|---|---|"]
         lines += [f"| {c} | {d:+.4f} |" for c, d in sorted(decision.recall_drops.items())]
     return "\n".join(lines) + "\n"
 

@@ -18,7 +18,13 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flows.retrain import check_override_keys, validate_overrides, write_overrides
+from flows.retrain import (
+    Decision,
+    check_override_keys,
+    decision_markdown,
+    validate_overrides,
+    write_overrides,
+)
 from tasks.config import ParamsError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -266,6 +272,18 @@ def test_write_overrides_rewrites_only_the_overridden_lines(
     for i in changed:  # a changed line keeps its key and its comment
         assert new_lines[i].split(":")[0] == old_lines[i].split(":")[0]
         assert new_lines[i].partition("#")[2] == old_lines[i].partition("#")[2]
+
+
+def test_retrain_decision_names_what_it_compared_with_and_rounds_its_metrics() -> None:
+    decision = Decision(promote=False, reasons=["no gain"], recall_drops={"3": 0.0123456})
+    champion = {"accuracy": 0.9952, "loss": 0.015143460929393768, "macro_f1": 0.99516, "errors": 48}
+    challenger = {"accuracy": 0.9944, "loss": 0.0166961386, "macro_f1": 0.9943309, "errors": 56}
+    text = decision_markdown(decision, "HEAD", None, champion, challenger, [])
+    assert "| class | recall drop vs `HEAD` |" in text
+    assert "| loss | 0.0151 | 0.0167 |" in text and "| errors | 48 | 56 |" in text
+    assert "0.015143" not in text
+    first = decision_markdown(decision, None, None, None, challenger, [])
+    assert "| accuracy | – | 0.9944 |" in first
 
 
 # --- issue 10, item 6: a readable experiments table ------------------------------------
