@@ -274,6 +274,14 @@ def test_write_overrides_rewrites_only_the_overridden_lines(
         assert new_lines[i].partition("#")[2] == old_lines[i].partition("#")[2]
 
 
+def test_readme_shows_how_to_keep_or_undo_an_experiment_where_it_introduces_them() -> None:
+    text = (ROOT / "README.md").read_text()
+    first_exp = text.index("dvc exp run")
+    section = text[first_exp : first_exp + 1500]
+    assert "dvc exp run --temp" in text[first_exp - 200 : first_exp + 200]
+    assert "git checkout -- . && dvc checkout" in section and "dvc exp apply" in section
+
+
 def test_retrain_decision_names_what_it_compared_with_and_rounds_its_metrics() -> None:
     decision = Decision(promote=False, reasons=["no gain"], recall_drops={"3": 0.0123456})
     champion = {"accuracy": 0.9952, "loss": 0.015143460929393768, "macro_f1": 0.99516, "errors": 48}
