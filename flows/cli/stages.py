@@ -126,6 +126,9 @@ def train(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Train the CNN with a recipe; resumes from the checkpoint of an interrupted identical run."""
+    from tasks.kernels import same_kernels_on_every_cpu
+
+    same_kernels_on_every_cpu()  # before torch loads: the committed numbers on any x86 CPU
     from tasks.config import load_params
     from tasks.malloc import keep_freed_memory
     from tasks.train import train as train_step
@@ -151,6 +154,9 @@ def evaluate(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Test accuracy, per-class metrics, confusion matrix, most-confused pairs."""
+    from tasks.kernels import same_kernels_on_every_cpu
+
+    same_kernels_on_every_cpu()  # scored as trained: the committed metrics on any x86 CPU
     from tasks.config import load_params
     from tasks.evaluate import evaluate as evaluate_step
     from tasks.malloc import keep_freed_memory
@@ -175,6 +181,9 @@ def report(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Markdown report with figures, filled from this run."""
+    from tasks.kernels import same_kernels_on_every_cpu
+
+    same_kernels_on_every_cpu()  # the report's figures from the same scores as evaluate's
     from tasks.config import load_params, to_dict
     from tasks.report import write_report
 
