@@ -119,9 +119,14 @@ def check_dask_scheduler(address: str, timeout: float = DASK_CONNECT_TIMEOUT_S) 
         await comm.close()
 
     try:
-        asyncio.run(probe())
+        # connect's timeout bounds the TCP connection only: a server that accepts and never
+        # answers distributed's handshake (a web server) would hold it without end
+        asyncio.run(asyncio.wait_for(probe(), timeout))
     except (OSError, TimeoutError, ValueError) as exc:  # refused, timed out, bad address
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, TimeoutError):
+            reason = f"no answer within {timeout:g} s"
+        else:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PredictUsageError(
             f"cannot reach the Dask scheduler at {address} ({reason}); "
             "check --dask-address (e.g. tcp://scheduler:8786) and that `dask scheduler` runs"

@@ -58,6 +58,7 @@ def run(
         typer.echo(f"{UP_TO_DATE} No flow run started.")
         typer.echo(run_summary([], model_accuracies(root, models)))
         return
+    refuse_unreachable_api()
     from flows.pipeline import training_pipeline
 
     state = training_pipeline(root=str(root), baseline=baseline, return_state=True)
@@ -84,6 +85,7 @@ def _refuse_bad_overrides(root: Path, overrides: list[str]) -> None:
 def retrain(root: RootOpt = Path("."), set_param: SetOpt = None) -> None:
     """Train a challenger and promote it (tag model@vN) only if it beats the champion."""
     _refuse_bad_overrides(root, set_param or [])
+    refuse_unreachable_api()
     from flows.retrain import retrain as retrain_flow
 
     state = retrain_flow(root=str(root), overrides=set_param or [], return_state=True)
@@ -97,27 +99,29 @@ def retrain(root: RootOpt = Path("."), set_param: SetOpt = None) -> None:
         typer.echo(f"  - {reason}")
 
 
-def api_problem() -> str | None:
+def schedule_problem() -> str | None:
     """Why Prefect cannot schedule here (None when a reachable server is configured)."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import get_current_settings
+    from flows.prefect_api import api_problem, configured_api_url
 
-    url = get_current_settings().api.url
-    if not url:
+    url = configured_api_url()
+    if url is None:
         return (  # one line, as every expected error
             "no Prefect server configured: Prefect would use a temporary (ephemeral) server "
             "that lives only as long as this process, so nothing could schedule runs; start "
             "one with `prefect server start` (in another terminal, or as a service) and "
             f"`export PREFECT_API_URL={DEFAULT_SERVER_API}`"
         )
-    with get_client(sync_client=True) as client:
-        error = client.api_healthcheck()
-    if error is not None:
-        return (
-            f"the Prefect API at {url} is not reachable ({error}); "
-            "start it with `prefect server start`, or fix PREFECT_API_URL"
-        )
+    if problem := api_problem(url):
+        return f"{problem}; start it with `prefect server start`, or fix PREFECT_API_URL"
     return None
+
+
+def refuse_unreachable_api() -> None:
+    """A set PREFECT_API_URL that does not answer: UsageError now, not minutes into a flow."""
+    from flows.prefect_api import unreachable_configured_api
+
+    if problem := unreachable_configured_api():
+        raise UsageError(problem)
 
 
 @app.command("serve", rich_help_panel=PANEL, cls=Command)
@@ -130,7 +134,7 @@ def serve(
 ) -> None:
     """Serve the retrain flow on a cron schedule (needs a running Prefect server)."""
     _refuse_bad_overrides(root, set_param or [])  # refused now, not at every scheduled run
-    if problem := api_problem():
+    if problem := schedule_problem():
         raise UsageError(problem)
     from prefect.types.entrypoint import EntrypointType
 

@@ -209,7 +209,9 @@ def batch_predict(
     Same output as `predict`, whether the chunks run locally or on a Dask cluster.
     """
     p = _predict_params(params)  # bad params are refused before Prefect is imported
+    from flows.cli.orchestration import refuse_unreachable_api
 
+    refuse_unreachable_api()
     from flows.batch_predict import run_batch_predict
 
     with sigterm_unwinds():  # also when called without main(): typer.run, tests
