@@ -17,6 +17,8 @@ PROJECT_MARKER = "dvc.yaml"
 # the params stage's stamp: written only when params.yaml is valid; every stage depends on it
 PARAMS_STAMP = "data/params.ok"
 RAW_DIR = "data/raw"
+LABELED_DIR = "data/labeled"  # your own images: <label>/<file>, a persistent DVC output
+LABELED_SPLIT_DIR = "data/labeled_split"  # their train.npz and test.npz
 PREPARED_DIR = "data/prepared"
 TEST_SET = f"{PREPARED_DIR}/test.npz"
 MODEL_FILE = "data/models/{name}/model.pt"  # predict uses params.yaml predict.model's

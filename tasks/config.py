@@ -145,6 +145,14 @@ class SplitParams:
 
 
 @dataclass(frozen=True, config=_CONFIG)
+class LabeledParams:
+    """params.yaml ``labeled``: your own labelled images (data/labeled)."""
+
+    # both ends excluded: with images, neither side may be empty by construction
+    test_fraction: Annotated[StrictFloat, Field(gt=0, lt=1)] = 0.2
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class NormalizeParams:
     """``train.<recipe>.normalize``: x = (pixel / 255 - mean) / std."""
 
@@ -274,6 +282,7 @@ class Params:
 
     download: DownloadParams = field(default_factory=DownloadParams)
     split: SplitParams = field(default_factory=SplitParams)
+    labeled: LabeledParams = field(default_factory=LabeledParams)
     # named training recipes; `models` says which one each pipeline model is trained with
     train: Annotated[dict[Name, TrainParams], Field(min_length=1)] = field(
         default_factory=_default_recipes

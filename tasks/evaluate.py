@@ -43,6 +43,26 @@ def most_confused(actual: np.ndarray, predicted: np.ndarray, top: int) -> list[d
     return [{"actual": a, "predicted": p, "count": int(cm[a, p])} for a, p in pairs if cm[a, p]]
 
 
+def real_metrics(
+    model_path: Path, real_test: Path, batch_size: int = 1000, device: str = "auto"
+) -> dict[str, Any] | None:
+    """``{"accuracy", "count"}`` on your labelled test images; None when there are none."""
+    images, labels = load_arrays(real_test)
+    if len(labels) == 0:
+        return None  # absent, not zero: no images is no measurement
+    dev = pick_device(device)
+    loaded = load_model(model_path, device=dev)
+    _, accuracy, _ = evaluate_arrays(
+        loaded.model,
+        torch.from_numpy(images).to(dev),
+        torch.from_numpy(labels).to(dev),
+        loaded.mean,
+        loaded.std,
+        batch_size,
+    )
+    return {"accuracy": accuracy, "count": len(labels)}
+
+
 def evaluate(
     model_path: Path,
     test_path: Path,
@@ -50,8 +70,13 @@ def evaluate(
     batch_size: int = 1000,
     top_confused: int = 10,
     device: str = "auto",
+    real_test: Path | None = None,
 ) -> EvaluateResult:
-    """Score ``model_path`` on ``test_path``; write metrics.json, classes.json, confusion.csv."""
+    """Score ``model_path`` on ``test_path``; write metrics.json, classes.json, confusion.csv.
+
+    With ``real_test`` (the labelled stage's test.npz), metrics.json also holds ``real``:
+    accuracy and count on your own labelled test images, when there are any.
+    """
     from sklearn.metrics import precision_recall_fscore_support
 
     dev = pick_device(device)
@@ -89,6 +114,8 @@ def evaluate(
         "n_test": len(labels),
         "errors": int((predicted != actual).sum()),
     }
+    if real_test is not None and (real := real_metrics(model_path, real_test, batch_size, device)):
+        metrics["real"] = real
     confused = most_confused(actual, predicted, top_confused)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")

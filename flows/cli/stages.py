@@ -19,6 +19,8 @@ from flows.paths import (
     CHECKPOINT_FILE,
     DEFAULT_PARAMS,
     EVAL_DIR,
+    LABELED_DIR,
+    LABELED_SPLIT_DIR,
     MODEL_FILE,
     PARAMS_STAMP,
     PREPARED_DIR,
@@ -109,6 +111,38 @@ def split(
     typer.echo("wrote " + ", ".join(str(v) for v in paths.values()))
 
 
+@app.command("labeled-inbox", rich_help_panel=PANEL, cls=Command)
+@expected_errors
+def labeled_inbox(
+    out: Annotated[Path, typer.Option(help="the inbox: one folder per class")] = Path(LABELED_DIR),
+) -> None:
+    """Create the labelled-images inbox (data/labeled/0 … 9); what is in it stays."""
+    for label in range(10):
+        (out / str(label)).mkdir(parents=True, exist_ok=True)
+    typer.echo(f"{out}: {sum(1 for f in out.rglob('*') if f.is_file())} files")
+
+
+@app.command(rich_help_panel=PANEL, cls=Command)
+@expected_errors
+def labeled(
+    inbox: Annotated[Path, typer.Option(help="labelled images: <label>/<file>")] = Path(
+        LABELED_DIR
+    ),
+    out: Annotated[Path, typer.Option(help="folder for train.npz and test.npz")] = Path(
+        LABELED_SPLIT_DIR
+    ),
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Your labelled images, preprocessed as predict does, split by content hash."""
+    from tasks.config import load_params
+    from tasks.label_split import split_labelled
+
+    p = load_params(params).labeled
+    result = split_labelled(inbox, out, p.test_fraction)
+    left_out = f", {len(result.problems)} left out" if result.problems else ""
+    typer.echo(f"labelled images: {result.train} train, {result.test} test{left_out} -> {out}")
+
+
 @app.command(rich_help_panel=PANEL, cls=Command)
 @expected_errors
 def train(
@@ -150,6 +184,9 @@ def evaluate(
     model: Annotated[Path, typer.Option(help="model file")] = DEFAULT_MODEL_FILE,
     test: Annotated[Path, typer.Option(help="test set .npz")] = Path(TEST_SET),
     out: Annotated[Path, typer.Option(help="folder for metrics and plots")] = DEFAULT_EVAL_DIR,
+    real_test: Annotated[
+        Path | None, typer.Option(help="your labelled test images (the labeled stage's test.npz)")
+    ] = None,
     recipe: RecipeOpt = DEFAULT_RECIPE,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
@@ -166,8 +203,10 @@ def evaluate(
     all_params = load_params(params)
     p = all_params.evaluate
     device = all_params.recipe(recipe).device  # where the recipe trains, the model is scored
-    result = evaluate_step(model, test, out, p.batch_size, p.top_confused, device)
-    typer.echo(f"test accuracy {result.metrics['accuracy']:.4f} -> {result.metrics_path}")
+    result = evaluate_step(model, test, out, p.batch_size, p.top_confused, device, real_test)
+    real = result.metrics.get("real")
+    on_real = f", labelled images {real['accuracy']:.4f} ({real['count']})" if real else ""
+    typer.echo(f"test accuracy {result.metrics['accuracy']:.4f}{on_real} -> {result.metrics_path}")
 
 
 @app.command(rich_help_panel=PANEL, cls=Command)
