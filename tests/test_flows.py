@@ -42,7 +42,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 # train, evaluate and report run once per pipeline model (params.yaml `models`, dvc.yaml foreach).
 MODELS = ["seed", "robust"]
 STAGES = [
-    "params", "download", "split",
+    "params", "download", "split", "labeled-inbox", "labeled",
     *(f"{stage}@{m}" for stage in ("train", "evaluate", "report") for m in MODELS),
 ]  # fmt: skip
 SERVED = "robust"  # params.yaml predict.model: the model the flows publish and judge
@@ -210,8 +210,10 @@ def test_stage_graph_is_read_from_dvc_yaml_and_picks_up_new_stages(tmp_path: Pat
     assert [s.name for s in stages][: len(STAGES)] == STAGES
     for m in MODELS:
         assert set(next(s for s in stages if s.name == f"evaluate@{m}").upstream) == {
+            "params",
             f"train@{m}",
             "split",
+            "labeled",  # the labelled test images
         }
     # a stage added to dvc.yaml (like the coming `predict`) is run with no code change
     dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
@@ -414,8 +416,8 @@ def test_pipeline_runs_stages_in_order_resumes_after_a_failure_and_skips_when_up
     failed = training_pipeline(root=str(repo), return_state=True)
     assert failed.is_failed() and "stage 'train@seed' failed" in failed.message
     runs = _task_runs(failed.state_details.flow_run_id)
-    assert [r.name for r in runs] == ["params", "download", "split", "train@seed"]
-    assert [r.state.type.value for r in runs] == ["COMPLETED", "COMPLETED", "COMPLETED", "FAILED"]
+    assert [r.name for r in runs] == STAGES[:5] + ["train@seed"]
+    assert [r.state.type.value for r in runs] == ["COMPLETED"] * 5 + ["FAILED"]
 
     # 2. fixed: the rerun resumes at train (DVC skips download and split)
     _edit_params(repo, train=TINY_RECIPES)
@@ -423,9 +425,9 @@ def test_pipeline_runs_stages_in_order_resumes_after_a_failure_and_skips_when_up
     assert state.is_completed(), state.message
     statuses = {r["stage"]: r["status"] for r in state.result()}
     assert {k: statuses[k] for k in STAGES} == {
-        # the edited params.yaml is checked again; download and split are up to date
-        "params": "ran", "download": "skipped", "split": "skipped",
-        **dict.fromkeys(STAGES[3:], "ran"),
+        # the edited params.yaml is checked again; the data stages are up to date
+        "params": "ran", **dict.fromkeys(STAGES[1:5], "skipped"),
+        **dict.fromkeys(STAGES[5:], "ran"),
     }  # fmt: skip
     flow_run_id = state.state_details.flow_run_id
     assert [r.name for r in _task_runs(flow_run_id)][: len(STAGES)] == STAGES  # dependency order
