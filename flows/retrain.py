@@ -33,6 +33,7 @@ Promotion scheme (git tags ``model@vN``):
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import io
 import json
@@ -47,10 +48,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.paths import EVAL_CLASSES, EVAL_METRICS, eval_path
+from flows.paths import (
+    EVAL_CLASSES,
+    EVAL_METRICS,
+    LABELED_DIR,
+    LABELED_SPLIT_DIR,
+    eval_path,
+    model_file,
+)
 from flows.pipeline import TAG_PREFIX, latest_champion, training_pipeline
 from tasks.config import ParamsError, RetrainParams
 from tasks.io import atomic_write_text
@@ -65,6 +74,8 @@ WORKTREE_PREFIX = "digitflow-retrain-"
 LOCK_REASON = re.compile(r"digitflow retrain pid (?P<pid>\d+) on (?P<host>\S+)")
 # What the challenger is judged against when no model@vN tag exists yet.
 HEAD_BASELINE = "HEAD"
+INBOX_STAGE = "labeled-inbox"  # dvc.yaml's stage whose output is data/labeled
+LABELED_TEST = f"{LABELED_SPLIT_DIR}/test.npz"  # the labelled test images, once split
 # difflib similarity (0..1) above which a known key is offered for a mistyped one: 0.6 is
 # difflib's own default, close enough for `train.epoch` -> `train.robust.epochs`.
 SUGGEST_CUTOFF = 0.6
@@ -121,6 +132,8 @@ def judge(
         return Decision(
             True, ["no champion yet and no model committed at HEAD: the first model is promoted"]
         )
+    if "real" in challenger_metrics and "real" in champion_metrics:
+        return judge_on_labels(champion_metrics, challenger_metrics, rules, against)
     gain = float(challenger_metrics["accuracy"]) - float(champion_metrics["accuracy"])
     old, new = _recalls(champion_classes), _recalls(challenger_classes)
     drops = {c: old[c] - new.get(c, 0.0) for c in old}
@@ -150,6 +163,76 @@ def judge(
         gain,
         drops,
     )
+
+
+def judge_on_labels(
+    champion: dict[str, Any], challenger: dict[str, Any], rules: RetrainParams, against: str
+) -> Decision:
+    """With labelled test images: they must improve, MNIST may drop only a little.
+
+    Both ``real`` figures are on the same images (the challenger's labelled test split,
+    the champion re-scored on it).
+    """
+    eps = 1e-12  # float noise never decides an exact tie
+    drop = float(champion["accuracy"]) - float(challenger["accuracy"])
+    old, new = float(champion["real"]["accuracy"]), float(challenger["real"]["accuracy"])
+    count = challenger["real"]["count"]
+    reasons = []
+    if drop > rules.max_mnist_drop + eps:
+        reasons.append(
+            f"MNIST test accuracy {challenger['accuracy']:.4f} vs {against} "
+            f"{champion['accuracy']:.4f}: drop {drop:.4f} > allowed {rules.max_mnist_drop:.4f} "
+            "(retrain.max_mnist_drop)"
+        )
+    if new - old + eps < rules.min_improvement:
+        reasons.append(
+            f"labelled test images ({count}): accuracy {new:.4f} vs {against} {old:.4f}: gain "
+            f"{new - old:+.4f} < required {rules.min_improvement:.4f} (retrain.min_improvement)"
+        )
+    if reasons:
+        return Decision(False, reasons, -drop)
+    why = (
+        f"labelled test images ({count}): accuracy {new:.4f} vs {against} {old:.4f} "
+        f"(gain {new - old:+.4f}); MNIST test accuracy drop {drop:+.4f} <= "
+        f"{rules.max_mnist_drop:.4f}"
+    )
+    return Decision(True, [why], -drop)
+
+
+def rescore_champion(root: Path, rev: str, model_path: str, real_test: Path) -> dict[str, Any]:
+    """The model committed at ``rev`` scored on ``real_test`` (the challenger's labelled split).
+
+    Its weights come from the DVC cache through DVC's API, as ``rev``'s dvc.lock names them.
+    """
+    import dvc.api
+
+    from tasks.evaluate import real_metrics
+    from tasks.model import max_model_bytes
+
+    cap = max_model_bytes()  # what load_model accepts: no bigger file is read whole
+    with tempfile.TemporaryDirectory(prefix="digitflow-champion-") as tmp:
+        local = Path(tmp) / "model.pt"
+        with dvc.api.open(model_path, repo=str(root), rev=rev, mode="rb") as src:
+            local.write_bytes(src.read(cap + 1))
+        if local.stat().st_size > cap:
+            raise RetrainError(f"{model_path} at {rev}: larger than {cap} bytes")
+        scored = real_metrics(local, real_test)
+    if scored is None:
+        raise RetrainError(f"{real_test}: no labelled test images to score {rev}'s model on")
+    return scored
+
+
+def labels_unchanged_since(root: Path, rev: str) -> bool:
+    """Whether HEAD's labelled images (dvc.lock's hash of data/labeled) are those of ``rev``."""
+    return _labeled_hash(root, "HEAD") == _labeled_hash(root, rev)
+
+
+def _labeled_hash(root: Path, rev: str) -> str | None:
+    proc = _git(root, "show", f"{rev}:dvc.lock", check=False)
+    if proc.returncode != 0:
+        return None
+    stage = (yaml.safe_load(proc.stdout) or {}).get("stages", {}).get(INBOX_STAGE, {})
+    return next((out.get("md5") for out in stage.get("outs", [])), None)
 
 
 def read_at_rev(root: Path, rev: str, path: str) -> dict[str, Any]:
@@ -392,6 +475,23 @@ def _add_worktree(root: Path, where: Path) -> None:
         # DVC stages what it writes (the promotion commits it): no "To track the changes
         # with git, run: git add dvc.lock" hint in the stage logs, which would be wrong here
         conf["core"]["autostage"] = True
+    _checkout_labels(where)
+
+
+def _checkout_labels(worktree: Path) -> None:
+    """HEAD's labelled images into the worktree, from the shared DVC cache.
+
+    Git does not hold them (a DVC output); without them the inbox stage would start empty
+    and the challenger would train without the images HEAD's dvc.lock names.
+    """
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    with contextlib.chdir(worktree), Repo(str(worktree)) as wt:
+        try:
+            wt.checkout(targets=[LABELED_DIR])
+        except DvcException as exc:  # not in this cache, or not in HEAD's pipeline: start empty
+            get_run_logger().warning("labelled images of HEAD not checked out: %s", exc)
 
 
 def _remove_worktree(root: Path, where: Path) -> None:
@@ -448,6 +548,11 @@ def decision_markdown(
     for key in ("accuracy", "loss", "macro_f1", "errors"):
         old = champion_metrics.get(key) if champion_metrics else None
         lines.append(f"| {key} | {_metric(old)} | {_metric(challenger_metrics[key])} |")
+    if "real" in challenger_metrics:  # the same labelled test images for both
+        old_real = (champion_metrics or {}).get("real", {})
+        for key in ("accuracy", "count"):
+            new = challenger_metrics["real"][key]
+            lines.append(f"| labelled {key} | {_metric(old_real.get(key))} | {_metric(new)} |")
     if decision.recall_drops:
         # what the challenger was compared with: the champion tag, or HEAD before the first
         against = f"`{champion}`" if champion else "the champion"
@@ -456,12 +561,25 @@ def decision_markdown(
     return "\n".join(lines) + "\n"
 
 
+def _nothing_new(champion_tag: str) -> dict[str, Any]:
+    reason = f"no new labelled images since {champion_tag}: nothing to train"
+    get_run_logger().info(reason)
+    return {
+        "promoted": False, "tag": None, "champion": champion_tag, "compared_with": None,
+        "reasons": [reason], "commit": None, "accuracy": None, "trained": False,
+    }  # fmt: skip
+
+
 @flow(name="retrain")
-def retrain(root: str = ".", overrides: list[str] | None = None) -> dict[str, Any]:
+def retrain(
+    root: str = ".", overrides: list[str] | None = None, only_if_new_labels: bool = False
+) -> dict[str, Any]:
     """Train a challenger from HEAD (+ ``overrides``); promote it as ``model@vN`` if better.
 
-    Returns {promoted, tag, champion, compared_with, reasons, commit, accuracy}. The main
-    working tree is never modified.
+    ``only_if_new_labels`` (the scheduled runs of `digitflow serve`): with a champion whose
+    labelled images (dvc.lock's hash of data/labeled) are HEAD's, return at once, untrained.
+    Returns {promoted, tag, champion, compared_with, reasons, commit, accuracy, trained}.
+    The main working tree is never modified.
     """
     from tasks.config import load_params
 
@@ -479,6 +597,8 @@ def retrain(root: str = ".", overrides: list[str] | None = None) -> dict[str, An
     champion = latest_champion(repo_root)
     champion_tag, champion_n = champion if champion else (None, 0)
     logger.info("champion: %s", champion_tag or "none yet")
+    if only_if_new_labels and champion_tag and labels_unchanged_since(repo_root, champion_tag):
+        return _nothing_new(champion_tag)
 
     tmp = Path(tempfile.mkdtemp(prefix="digitflow-retrain-"))
     worktree = tmp / "challenger"
@@ -508,6 +628,12 @@ def retrain(root: str = ".", overrides: list[str] | None = None) -> dict[str, An
             champion_metrics, champion_classes = committed
             against = HEAD_BASELINE
         logger.info("compared with: %s", against or "nothing yet (no committed metrics)")
+        if champion_metrics is not None and "real" in challenger_metrics:
+            # the same labelled test images for both: the champion re-scored on the challenger's
+            real = rescore_champion(
+                repo_root, against, model_file(served).as_posix(), worktree / LABELED_TEST
+            )
+            champion_metrics = {**champion_metrics, "real": real}
         decision = judge(
             champion_metrics,
             champion_classes,
@@ -547,6 +673,7 @@ def retrain(root: str = ".", overrides: list[str] | None = None) -> dict[str, An
             "reasons": decision.reasons,
             "commit": commit,
             "accuracy": challenger_metrics["accuracy"],
+            "trained": True,
         }
     finally:
         _remove_worktree(repo_root, worktree)

@@ -266,6 +266,8 @@ class RetrainParams:
 
     min_improvement: Annotated[StrictFloat, Field(ge=0, lt=1)] = 0.001
     max_class_drop: Annotated[StrictFloat, Field(ge=0, lt=1)] = 0.01
+    # with labelled images: how much MNIST test accuracy may fall for a gain on them
+    max_mnist_drop: Annotated[StrictFloat, Field(ge=0, lt=1)] = 0.002
 
 
 def _default_recipes() -> dict[str, TrainParams]:

@@ -416,7 +416,7 @@ def test_pipeline_runs_stages_in_order_resumes_after_a_failure_and_skips_when_up
     failed = training_pipeline(root=str(repo), return_state=True)
     assert failed.is_failed() and "stage 'train@seed' failed" in failed.message
     runs = _task_runs(failed.state_details.flow_run_id)
-    assert [r.name for r in runs] == STAGES[:5] + ["train@seed"]
+    assert [r.name for r in runs] == [*STAGES[:5], "train@seed"]
     assert [r.state.type.value for r in runs] == ["COMPLETED"] * 5 + ["FAILED"]
 
     # 2. fixed: the rerun resumes at train (DVC skips download and split)

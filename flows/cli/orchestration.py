@@ -82,17 +82,32 @@ def _refuse_bad_overrides(root: Path, overrides: list[str]) -> None:
 
 @app.command("retrain", rich_help_panel=PANEL, cls=Command)
 @expected_errors
-def retrain(root: RootOpt = Path("."), set_param: SetOpt = None) -> None:
+def retrain(
+    root: RootOpt = Path("."),
+    set_param: SetOpt = None,
+    only_if_new_labels: Annotated[
+        bool,
+        typer.Option(help="train only if HEAD has labelled images the champion has not seen"),
+    ] = False,
+) -> None:
     """Train a challenger and promote it (tag model@vN) only if it beats the champion."""
     _refuse_bad_overrides(root, set_param or [])
     refuse_unreachable_api()
     from flows.retrain import retrain as retrain_flow
 
-    state = retrain_flow(root=str(root), overrides=set_param or [], return_state=True)
+    state = retrain_flow(
+        root=str(root),
+        overrides=set_param or [],
+        only_if_new_labels=only_if_new_labels,
+        return_state=True,
+    )
     if not state.is_completed():
         typer.echo(f"error: retrain {state.name}: {state.message}", err=True)
         raise typer.Exit(1)
     result = state.result()
+    if not result["trained"]:
+        typer.echo(result["reasons"][0])
+        return
     verdict = f"promoted {result['tag']}" if result["promoted"] else "rejected"
     typer.echo(f"challenger {verdict} (compared with {result['compared_with'] or 'nothing yet'})")
     for reason in result["reasons"]:
@@ -131,8 +146,18 @@ def serve(
     root: RootOpt = Path("."),
     name: Annotated[str, typer.Option(help="deployment name")] = DEPLOYMENT_NAME,
     set_param: SetOpt = None,
+    every_run: Annotated[
+        bool,
+        typer.Option(
+            help="train at every scheduled run, not only when HEAD has new labelled images"
+        ),
+    ] = False,
 ) -> None:
-    """Serve the retrain flow on a cron schedule (needs a running Prefect server)."""
+    """Serve the retrain flow on a cron schedule (needs a running Prefect server).
+
+    A scheduled run trains only when HEAD's labelled images (data/labeled, as dvc.lock
+    records them) differ from the champion's; otherwise it ends at once, untrained.
+    """
     _refuse_bad_overrides(root, set_param or [])  # refused now, not at every scheduled run
     if problem := schedule_problem():
         raise UsageError(problem)
@@ -143,7 +168,12 @@ def serve(
     retrain_flow.serve(
         name=name,
         cron=cron,
-        parameters={"root": str(root.resolve()), "overrides": set_param or []},
+        # a scheduled run trains only when HEAD has labelled images the champion has not seen
+        parameters={
+            "root": str(root.resolve()),
+            "overrides": set_param or [],
+            "only_if_new_labels": not every_run,
+        },
         # the package is installed, so the runner imports the flow by module, from any cwd
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
