@@ -132,3 +132,61 @@ def test_evaluate_scores_the_labelled_test_images_beside_mnist(
     metrics = json.loads(out.metrics_path.read_text())
     assert metrics["real"]["count"] == result.test > 0
     assert 0.0 <= metrics["real"]["accuracy"] <= 1.0 and "accuracy" in metrics
+
+
+def test_retrain_with_labels_needs_a_gain_on_them_and_little_mnist_loss() -> None:
+    from flows.retrain import judge
+    from tasks.config import RetrainParams
+
+    rules = RetrainParams(min_improvement=0.01, max_class_drop=0.01, max_mnist_drop=0.002)
+    classes = {"per_class": [{"class": "0", "recall": 1.0}]}
+    champion = {"accuracy": 0.995, "real": {"accuracy": 0.80, "count": 50}}
+
+    def decide(mnist: float, real: float):
+        challenger = {"accuracy": mnist, "real": {"accuracy": real, "count": 50}}
+        return judge(champion, classes, challenger, classes, rules, against="model@v1")
+
+    assert decide(0.994, 0.90).promote  # labels up 10 points, MNIST down 0.001
+    worse_mnist = decide(0.990, 0.90)
+    assert not worse_mnist.promote and "retrain.max_mnist_drop" in worse_mnist.reasons[0]
+    no_gain = decide(0.996, 0.805)
+    assert not no_gain.promote and "labelled test images (50)" in no_gain.reasons[0]
+    # without labelled images on both sides: MNIST decides, as before
+    plain = judge({"accuracy": 0.98}, classes, {"accuracy": 0.995}, classes, rules)
+    assert plain.promote and "test accuracy gain" in plain.reasons[0]
+
+
+def test_decision_shows_both_models_on_the_labelled_images() -> None:
+    from flows.retrain import Decision, decision_markdown
+
+    champion = {"accuracy": 0.995, "loss": 0.02, "macro_f1": 0.99, "errors": 50,
+                "real": {"accuracy": 0.8, "count": 50}}  # fmt: skip
+    challenger = {**champion, "real": {"accuracy": 0.9, "count": 50}}
+    text = decision_markdown(Decision(True, ["ok"]), "model@v1", "model@v2", champion,
+                             challenger, [])  # fmt: skip
+    assert "| labelled accuracy | 0.8000 | 0.9000 |" in text
+    assert "| labelled count | 50 | 50 |" in text
+
+
+def test_labels_unchanged_since_reads_the_inbox_hash_of_each_commit(tmp_path: Path) -> None:
+    import subprocess
+
+    import yaml
+
+    from flows.retrain import INBOX_STAGE, labels_unchanged_since
+
+    def commit(md5: str, message: str) -> None:
+        lock = {"schema": "2.0", "stages": {INBOX_STAGE: {"outs": [{"path": "data/labeled",
+                                                                     "md5": md5}]}}}  # fmt: skip
+        (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+        for args in (["add", "dvc.lock"], ["commit", "-qm", message]):
+            subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                           cwd=tmp_path, check=True)  # fmt: skip
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    commit("aaa.dir", "champion")
+    subprocess.run(["git", "tag", "model@v1"], cwd=tmp_path, check=True)
+    commit("aaa.dir", "a commit with other changes")
+    assert labels_unchanged_since(tmp_path, "model@v1")
+    commit("bbb.dir", "new labelled images")
+    assert not labels_unchanged_since(tmp_path, "model@v1")
