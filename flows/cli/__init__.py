@@ -1,7 +1,8 @@
 """The ``digitflow`` command line: one Typer app, in three groups of commands.
 
 - Pipeline stages (flows/cli/stages.py): one command per dvc.yaml stage, which calls them;
-- Prediction (flows/cli/predict.py): ``predict`` and ``batch-predict``;
+- Prediction (flows/cli/predict.py, flows/cli/api.py): ``predict``, ``batch-predict`` and
+  ``api`` (predictions over HTTP);
 - Prefect flows (flows/cli/orchestration.py): ``run``, ``retrain`` and ``serve``.
 
 Every command follows one error policy (flows/cli/errors.py). Heavy imports (torch,
@@ -16,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from flows.cli import orchestration, predict, stages
+from flows.cli import api, orchestration, predict, stages
 from flows.signals import sigterm_unwinds
 
 app = typer.Typer(
@@ -27,7 +28,7 @@ app = typer.Typer(
 )
 # Without a name, add_typer merges each module's commands into this app; each command
 # names its --help panel (rich_help_panel) where it is defined.
-for _commands in (stages.app, predict.app, orchestration.app):
+for _commands in (stages.app, predict.app, api.app, orchestration.app):
     app.add_typer(_commands)
 
 # digitflow's own loggers (the packages of this project): INFO by default. Every other
