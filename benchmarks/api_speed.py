@@ -56,10 +56,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, port: int) -> subprocess.Popen[bytes]:
+def start_server(model: Path, port: int, workers: int) -> subprocess.Popen[bytes]:
     """`digitflow api` in a subprocess; returns once /health answers."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "flows.cli", "api", "--model", str(model), "--port", str(port)]
+    cmd = [sys.executable, "-m", "flows.cli", "api", "--model", str(model), "--port", str(port),
+           "--workers", str(workers)]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE)
     end = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < end:
@@ -141,17 +142,22 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, default=ROOT / model_file("robust"))
     ap.add_argument("--seconds", type=float, default=10.0, help="measured time per case")
+    ap.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     port = free_port()
-    proc = start_server(args.model, port)
+    load_before = os.getloadavg()[0]  # other processes on the 2 cores skew the figures
+    proc = start_server(args.model, port, args.workers)
     try:
         png = load(port, sample_png(), "image/png", args.seconds)
         jpeg = load(port, sample_jpeg(), "image/jpeg", args.seconds)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    results = {"clients": CLIENTS, "cpus": os.cpu_count(), "png28": png, "jpeg640": jpeg}
+    results = {
+        "clients": CLIENTS, "workers": args.workers, "cpus": os.cpu_count(),
+        "load_before": load_before, "png28": png, "jpeg640": jpeg,
+    }  # fmt: skip
     print(json.dumps(results, indent=2))
     checks = [
         (f"png28 >= {PNG_RPS:g} req/s", png["rps"] >= PNG_RPS, f"{png['rps']} req/s"),
