@@ -15,7 +15,12 @@ takes up to a core), so the figures are a lower bound of what the server does al
 Targets (issue 19), printed as PASS/FAIL lines, exit code 1 if any fails:
 
 * png28: >= 500 requests/s and p99 latency <= 50 ms, no failed request;
-* jpeg640: >= 150 requests/s, no failed request.
+* jpeg640: >= 150 requests/s, no failed request;
+* 1,000 hostile requests (declared and real oversized bodies, truncated forms and images,
+  wrong types, garbage, a decompression-bomb header, a bad Content-Length, slow senders
+  that stall mid-body), 8 at a time, each answered by the 4xx of its kind; a normal
+  client meanwhile gets only 200s; after them normal requests are within the p99 bound
+  again, and the server's peak RSS stays <= 1.5 GB.
 
     flock /tmp/digitflow-cpu.lock .venv/bin/python -m benchmarks.api_speed \\
         [--model data/models/robust/model.pt] [--seconds 10] [--json out.json]
@@ -39,11 +44,13 @@ import cv2
 import numpy as np
 
 from flows.paths import model_file
-from tests.images import REFERENCES, big_glyph, photo, png_bytes
+from tests.images import REFERENCES, big_glyph, photo, png_bytes, png_header_only
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS = 8
 PNG_RPS, PNG_P99_MS, JPEG_RPS = 500.0, 50.0, 150.0  # the targets (module docstring)
+MAX_RSS_MB = 1536  # 1.5 GB: the server's peak during the hostile requests
+SLOW_SENDERS = 100  # of the hostile requests: connections that stall mid-body
 WARMUP_S = 2.0  # before measuring: the first requests build caches
 START_TIMEOUT_S = 60.0  # the server loads torch and the model
 JPEG_QUALITY = 90  # a phone's usual setting
@@ -138,11 +145,133 @@ def load(port: int, body: bytes, ctype: str, seconds: float) -> dict[str, Any]:
     }
 
 
+def _hostile_requests(png: bytes) -> list[tuple[str, bytes, set[int]]]:
+    """(name, raw HTTP request, the statuses it may get): one of each hostile kind."""
+
+    def req(ctype: str, body: bytes, length: int | None = None) -> bytes:
+        n = len(body) if length is None else length
+        head = f"POST /predict HTTP/1.1\r\nHost: b\r\nContent-Type: {ctype}\r\n"
+        return (head + f"Content-Length: {n}\r\nConnection: close\r\n\r\n").encode() + body
+
+    form = "multipart/form-data; boundary=XyZ"
+    part = b'--XyZ\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n'
+    return [
+        ("declared 1 GB", req("image/png", b"x" * 1024, 10**9), {413}),
+        ("9 MiB body", req("image/png", os.urandom(9 * 2**20)), {413}),
+        ("truncated form", req(form, part + png[: len(png) // 2]), {422}),
+        ("text/plain", req("text/plain", b"hello"), {415}),
+        ("garbage png", req("image/png", os.urandom(2048)), {415}),
+        ("truncated png", req("image/png", png[: len(png) // 2]), {415}),
+        ("50000x50000 png", req("image/png", png_header_only(50_000, 50_000)), {413}),
+        ("bad length", b"POST /predict HTTP/1.1\r\nHost: b\r\nContent-Length: x\r\n\r\n",
+         {400, 415}),
+    ]  # fmt: skip
+
+
+def hostile(port: int, pid: int, png: bytes, total: int, normal_s: float) -> dict[str, Any]:
+    """``total`` hostile requests from 8 threads (slow senders among them) while a normal
+    client measures latency; then the normal latency after them; the server's peak RSS."""
+    import psutil
+
+    kinds = _hostile_requests(png)
+    answers: dict[str, dict[str, int]] = {name: {} for name, _, _ in kinds}
+    wrong: list[str] = []
+    lock = threading.Lock()
+    done = threading.Event()
+    peak = [0]
+
+    def watch_memory() -> None:
+        proc = psutil.Process(pid)
+        while not done.wait(0.05):
+            peak[0] = max(peak[0], proc.memory_info().rss)
+
+    def attacker(offset: int) -> None:
+        for i in range(offset, total, CLIENTS):
+            name, raw, allowed = kinds[i % len(kinds)]
+            sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+            try:
+                sock.sendall(raw)
+                resp = http.client.HTTPResponse(sock)
+                resp.begin()
+                resp.read()
+                status = resp.status
+            except (OSError, http.client.HTTPException):
+                status = 0  # reset while still sending: the server stopped reading
+            finally:
+                sock.close()
+            with lock:
+                answers[name][str(status)] = answers[name].get(str(status), 0) + 1
+                if status not in allowed and not (status == 0 and name == "9 MiB body"):
+                    wrong.append(f"{name}: {status}")
+
+    memory = threading.Thread(target=watch_memory)
+    memory.start()
+    # slow senders: headers and 10 bytes of the body, then nothing; answered at the limit
+    slow_head = (f"POST /predict HTTP/1.1\r\nHost: b\r\nContent-Type: image/png\r\n"
+                 f"Content-Length: {len(png)}\r\n\r\n").encode() + png[:10]  # fmt: skip
+    slow = []
+    for _ in range(SLOW_SENDERS):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        sock.sendall(slow_head)
+        slow.append(sock)
+    total -= SLOW_SENDERS
+    attackers = [threading.Thread(target=attacker, args=(i,)) for i in range(CLIENTS)]
+    t0 = time.perf_counter()
+    for t in attackers:
+        t.start()
+    during = load_one(port, png, attackers)
+    for t in attackers:
+        t.join()
+    answers["slow sender"] = {}
+    for sock in slow:
+        try:
+            resp = http.client.HTTPResponse(sock)
+            resp.begin()
+            status = resp.status
+        except (OSError, http.client.HTTPException):
+            status = 0
+        sock.close()
+        answers["slow sender"][str(status)] = answers["slow sender"].get(str(status), 0) + 1
+        if status != 408:
+            wrong.append(f"slow sender: {status}")
+    storm_s = time.perf_counter() - t0
+    after = load(port, png, "image/png", normal_s)
+    done.set()
+    memory.join()
+    return {
+        "hostile_requests": total + SLOW_SENDERS, "storm_s": round(storm_s, 1), "answers": answers,
+        "unexpected": wrong[:20], "normal_during": during, "normal_after": after,
+        "peak_rss_mb": round(peak[0] / 2**20),
+    }  # fmt: skip
+
+
+def load_one(port: int, body: bytes, running: list[threading.Thread]) -> dict[str, Any]:
+    """One keep-alive client sending ``body`` while any of ``running`` is alive."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    lat, failed = [], 0
+    while any(t.is_alive() for t in running):
+        t = time.perf_counter()
+        try:
+            conn.request("POST", "/predict", body, {"Content-Type": "image/png"})
+            resp = conn.getresponse()
+            failed += resp.status != 200
+            resp.read()
+        except (OSError, http.client.HTTPException):
+            failed += 1
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        lat.append((time.perf_counter() - t) * 1000)
+    return {
+        "requests": len(lat), "failed": failed,
+        "p99_ms": round(float(np.percentile(lat, 99)), 2) if lat else None,
+    }  # fmt: skip
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, default=ROOT / model_file("robust"))
     ap.add_argument("--seconds", type=float, default=10.0, help="measured time per case")
     ap.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    ap.add_argument("--hostile", type=int, default=1000, help="hostile requests (0: none)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     port = free_port()
@@ -151,12 +280,13 @@ def main() -> int:
     try:
         png = load(port, sample_png(), "image/png", args.seconds)
         jpeg = load(port, sample_jpeg(), "image/jpeg", args.seconds)
+        storm = hostile(port, proc.pid, sample_png(), args.hostile, args.seconds)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     results = {
         "clients": CLIENTS, "workers": args.workers, "cpus": os.cpu_count(),
-        "load_before": load_before, "png28": png, "jpeg640": jpeg,
+        "load_before": load_before, "png28": png, "jpeg640": jpeg, "hostile": storm,
     }  # fmt: skip
     print(json.dumps(results, indent=2))
     checks = [
@@ -167,6 +297,19 @@ def main() -> int:
         ("no failed request", png["failed"] + jpeg["failed"] == 0,
          f"{png['failed'] + jpeg['failed']} failed"),
     ]  # fmt: skip
+    if args.hostile:
+        after, during = storm["normal_after"], storm["normal_during"]
+        checks += [
+            (f"{args.hostile} hostile requests: each a 4xx of its kind", not storm["unexpected"],
+             f"{len(storm['unexpected'])} unexpected"),
+            ("normal requests during them all answered", during["failed"] == 0,
+             f"{during['failed']} failed of {during['requests']}, p99 {during['p99_ms']} ms"),
+            (f"after them: p99 <= {PNG_P99_MS:g} ms, none failed",
+             (after["p99_ms"] or 1e9) <= PNG_P99_MS and after["failed"] == 0,
+             f"{after['p99_ms']} ms, {after['rps']} req/s"),
+            (f"server memory <= {MAX_RSS_MB} MB", storm["peak_rss_mb"] <= MAX_RSS_MB,
+             f"peak {storm['peak_rss_mb']} MB"),
+        ]  # fmt: skip
     for name, passed, got in checks:
         print(f"{'PASS' if passed else 'FAIL'}: {name} ({got})")
     if args.json:

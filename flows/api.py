@@ -729,6 +729,9 @@ def create_app(settings: ApiSettings, watcher: ModelWatcher | None = None) -> Fa
 
 def app_from_env() -> FastAPI:
     """The app of one uvicorn worker process (``--workers N``): settings from the environment."""
+    from flows.cli import configure_logging
+
+    configure_logging(verbose=False)  # a spawned worker: swap and refusal lines at INFO
     return create_app(ApiSettings.from_env())
 
 
