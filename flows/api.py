@@ -750,9 +750,13 @@ def serve(settings: ApiSettings, host: str, port: int, workers: int = 1) -> None
         "host": host, "port": port, "limit_concurrency": MAX_CONNECTIONS,
         "timeout_keep_alive": KEEP_ALIVE_S, "access_log": False, "log_level": "warning",
     }  # fmt: skip
+    banner = f"serving {settings.model} on http://{host}:{port}/ (docs at /docs)"
     if workers == 1:
-        uvicorn.run(create_app(settings), **common)
+        app = create_app(settings)  # ModelFileError before anything is bound or said
+        log.info(banner)
+        uvicorn.run(app, **common)
         return
     load_served(settings.model)  # refused here, once, rather than in every worker
+    log.info("%s, %d workers", banner, workers)
     os.environ[SETTINGS_ENV] = settings.to_env()
     uvicorn.run("flows.api:app_from_env", factory=True, workers=workers, **common)

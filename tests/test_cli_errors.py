@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 PANELS = {
     "Pipeline stages": ["download", "split", "train", "evaluate", "report"],
-    "Prediction": ["predict", "batch-predict"],
+    "Prediction": ["predict", "batch-predict", "api"],
     "Prefect flows": ["run", "retrain", "serve"],
 }
 # A promotion rule of retrain: never overridable, refused before git or Prefect is asked
@@ -65,6 +65,8 @@ def _args(command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list
     if command == "batch-predict":  # ParamsError, before Prefect is imported
         return ["batch-predict", str(tmp_path), "--model", str(junk),
                 "--params", str(_bad_params(tmp_path))]  # fmt: skip
+    if command == "api":  # ModelFileError, before anything is bound
+        return ["api", "--model", str(junk), "--port", "1"]
     if command == "run":  # UsageError: --root is not a DVC repository
         return ["run", "--root", str(nowhere)]
     # retrain, serve: RetrainError (an override of a promotion rule)

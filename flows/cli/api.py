@@ -80,5 +80,4 @@ def api(
         accept_labels=accept_labels,
         labels_root=str(labels_dir),
     )
-    typer.echo(f"digitflow api: http://{host}:{port}/ (model {path})", err=True)
     serve(settings, host, port, workers)
