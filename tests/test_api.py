@@ -23,6 +23,7 @@ from flows.api import (
     CHAMPION_TAG_PREFIX,
     Admission,
     ApiSettings,
+    Batcher,
     ModelWatcher,
     Refused,
     champion_tag,
@@ -254,6 +255,31 @@ def test_watcher_swaps_a_good_file_and_refuses_a_bad_one(
     assert len(refusals) == 1 and "\n" not in refusals[0].getMessage()
     watcher.poll()
     assert len([r for r in caplog.records if "refused" in r.getMessage()]) == 1  # logged once
+
+
+def test_requests_of_both_models_in_one_batch_each_get_their_own(tmp_path: Path) -> None:
+    """A request that took the old model before a swap is computed on it, even batched."""
+    path = make_model(tmp_path / "model.pt", 0)
+    watcher = ModelWatcher(str(path), poll_s=3600)
+    old = watcher.current
+    make_model(path, 1)
+    watcher.poll()
+    watcher.poll()
+    new = watcher.current
+    assert new is not old
+    img = REFERENCES[5]
+    batcher = Batcher()
+    try:
+        futures = [batcher.submit(m, [img, img]) for m in (old, new, old)]
+        got = [f.result(timeout=30) for f in futures]
+    finally:
+        batcher.close()
+    expected_old = old.classifier.probabilities([img, img])
+    expected_new = new.classifier.probabilities([img, img])
+    np.testing.assert_allclose(got[0], expected_old, atol=1e-6)
+    np.testing.assert_allclose(got[2], expected_old, atol=1e-6)
+    np.testing.assert_allclose(got[1], expected_new, atol=1e-6)
+    assert not np.allclose(expected_old, expected_new, atol=1e-6)
 
 
 def test_health_shows_the_swapped_model(tmp_path: Path) -> None:
