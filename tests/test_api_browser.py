@@ -12,8 +12,11 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
+from tests.images import big_glyph, photo
 from tests.test_api import make_model
 from tests.test_api_http import Server, start_server
 
@@ -59,12 +62,12 @@ def test_draw_a_digit_and_read_the_prediction(server: Server, tmp_path: Path) ->
         try:
             page = browser.new_page()
             page.set_default_timeout(PAGE_TIMEOUT_MS)
-            outside: list[str] = []  # requests leaving the server: none (no CDN)
+            outside: list[str] = []  # requests leaving the page and its server: none (no CDN)
             page.on(
                 "request",
                 lambda r: (
                     None
-                    if r.url.startswith(("data:", f"http://127.0.0.1:{server.port}/"))
+                    if r.url.startswith(("data:", "blob:", f"http://127.0.0.1:{server.port}/"))
                     else outside.append(r.url)
                 ),
             )
@@ -117,6 +120,15 @@ def test_draw_a_digit_and_read_the_prediction(server: Server, tmp_path: Path) ->
 
             page.locator("#clear").click()
             assert page.locator("#digit").inner_text() == "–"
+            assert page.evaluate("document.body.dataset.state") == "idle"
+
+            # a photo, picked with the file input (the same path as one dropped)
+            photo_path = tmp_path / "four.jpg"
+            cv2.imwrite(str(photo_path), photo(big_glyph(4), np.random.default_rng(3)))
+            page.set_input_files("#file", str(photo_path))
+            page.wait_for_selector("body[data-state='ok']")
+            assert page.locator("#digit").inner_text().isdigit()
+            assert page.locator("#bars li").count() == 10
             assert outside == []
         finally:
             browser.close()
