@@ -10,7 +10,7 @@ MNIST_MIRROR ?= $(if $(wildcard ../shared/mnist),../shared/mnist,)
 export MNIST_MIRROR
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: env repro test test-fast lint bench exps lock clean-env
+.PHONY: env repro test test-fast lint bench exps lock clean-env browser
 
 env: $(STAMP)
 
@@ -30,6 +30,12 @@ test: env
 
 test-fast: env
 	$(PY) -m pytest -m "not slow"
+
+# Debian's Chromium for tests/test_api_browser.py, which Playwright (requirements.lock) drives
+# as it is: no browser download. Needs root (CI runs as root); without it the test is skipped.
+browser:
+	@command -v chromium >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 lint: env
 	$(VENV)/bin/ruff check .

@@ -22,8 +22,17 @@ from flows.cli.errors import EXPECTED_ERRORS, USAGE_EXIT
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 PANELS = {
-    "Pipeline stages": ["check-params", "download", "split", "train", "evaluate", "report"],
-    "Prediction": ["predict", "batch-predict"],
+    "Pipeline stages": [
+        "check-params",
+        "download",
+        "split",
+        "labeled",
+        "train",
+        "evaluate",
+        "report",
+    ],
+    "Prediction": ["predict", "batch-predict", "api"],
+    "Your own images": ["label"],
     "Prefect flows": ["run", "retrain", "serve"],
     "Experiments": ["exps"],
 }
@@ -70,6 +79,13 @@ def _args(command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list
     if command == "batch-predict":  # ParamsError, before Prefect is imported
         return ["batch-predict", str(tmp_path), "--model", str(junk),
                 "--params", str(_bad_params(tmp_path))]  # fmt: skip
+    if command == "labeled":  # ParamsError
+        return ["labeled", "--inbox", str(tmp_path), "--out", str(tmp_path / "split"),
+                "--params", str(_bad_params(tmp_path))]  # fmt: skip
+    if command == "label":  # UsageError: files without --as
+        return ["label", str(junk)]
+    if command == "api":  # ModelFileError, before anything is bound
+        return ["api", "--model", str(junk), "--port", "1"]
     if command in ("run", "exps"):  # UsageError: --root is not a DVC repository
         return [command, "--root", str(nowhere)]
     # retrain, serve: RetrainError (an override of a promotion rule)

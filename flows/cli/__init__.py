@@ -1,7 +1,8 @@
 """The ``digitflow`` command line: one Typer app, in five groups of commands.
 
 - Pipeline stages (flows/cli/stages.py): one command per dvc.yaml stage, which calls them;
-- Prediction (flows/cli/predict.py): ``predict`` and ``batch-predict``;
+- Prediction (flows/cli/predict.py, flows/cli/api.py): ``predict``, ``batch-predict`` and
+  ``api`` (predictions over HTTP);
 - Your own images (flows/cli/labels.py): ``label``;
 - Prefect flows (flows/cli/orchestration.py): ``run``, ``retrain`` and ``serve``;
 - Experiments (flows/cli/experiments.py): ``exps``, DVC's experiments as a short table.
@@ -18,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from flows.cli import experiments, labels, orchestration, predict, stages
+from flows.cli import api, experiments, labels, orchestration, predict, stages
 from flows.cli.help import Group
 from flows.signals import sigterm_unwinds
 
@@ -31,7 +32,7 @@ app = typer.Typer(
 )
 # Without a name, add_typer merges each module's commands into this app; each command
 # names its --help panel (rich_help_panel) where it is defined.
-for _commands in (stages.app, predict.app, labels.app, orchestration.app, experiments.app):
+for _commands in (stages.app, predict.app, api.app, labels.app, orchestration.app, experiments.app):
     app.add_typer(_commands)
 
 # digitflow's own loggers (the packages of this project): INFO by default. Every other
