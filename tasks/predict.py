@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import glob
 import heapq
 import json
@@ -25,21 +26,21 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 from tqdm import tqdm
 
 from tasks.io import atomic_open
-from tasks.model import load_model, normalize_uint8
-from tasks.prepare_pool import (
-    is_image_named_dir,
-    prepared_stream,
-    start_pool,
-)
+from tasks.prepare_pool import MIN_FILES_FOR_PROCESSES, PreparedStream, is_image_named_dir
 from tasks.preprocess import Prepared, set_opencv_threads
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# torch is imported where it is used, not here: `digitflow predict` starts its decode
+# workers first, and they decode while this process imports torch and loads the model.
 
 FORMATS = ("csv", "jsonl")
 N_CLASSES = 10
@@ -205,6 +206,8 @@ def _compute_threads() -> Iterator[None]:
     process-wide, so concurrent chunks (flow tasks in threads) share one
     reference-counted setting.
     """
+    import torch
+
     global _threads_users, _threads_before
     with _threads_lock:
         if _threads_users == 0:
@@ -233,12 +236,20 @@ class Classifier:
     @classmethod
     def from_file(cls, path: Path | str) -> Classifier:
         """Load (safely: ModelFileError for anything not ours) and freeze for inference."""
+        import torch
+
+        from tasks.model import load_model
+
         loaded = load_model(Path(path))
         example = torch.zeros(INFER_SLICE, 1, 28, 28)
         return cls(_frozen(loaded.model, example), loaded.mean, loaded.std, loaded.classes)
 
     def probabilities(self, images: list[np.ndarray]) -> np.ndarray:
         """(B, 28, 28) uint8 images -> (B, C) float64 softmax probabilities."""
+        import torch
+
+        from tasks.model import normalize_uint8
+
         x = normalize_uint8(torch.from_numpy(np.stack(images)), self.mean, self.std)
         with torch.inference_mode():
             # slices of 64 keep the first conv's activations (64x64x26x26 floats, 11 MB)
@@ -247,6 +258,17 @@ class Classifier:
                 [self.forward(x[i : i + INFER_SLICE]) for i in range(0, len(x), INFER_SLICE)]
             )
         return torch.softmax(logits.double(), dim=1).numpy()
+
+
+def cached_classifier(path: Path | str) -> Classifier:
+    """``Classifier.from_file``, kept while the file is unchanged: chunks load it once."""
+    st = os.stat(path)
+    return _cached_classifier(os.path.realpath(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=2)  # the model of this run, and one more (a retrain's candidate)
+def _cached_classifier(real: str, mtime_ns: int, size: int) -> Classifier:
+    return Classifier.from_file(real)
 
 
 def _frozen(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -258,6 +280,8 @@ def _frozen(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor],
     """
     # only the deprecation notices, see above; a filter rather than catch_warnings(),
     # which is not thread-safe (chunk tasks build classifiers in parallel threads)
+    import torch
+
     warnings.filterwarnings("ignore", message=JIT_DEPRECATION, category=FutureWarning)
     with torch.inference_mode():
         traced = torch.jit.trace(model, example, check_trace=False)
@@ -272,10 +296,12 @@ def iter_predictions(
     preprocess: bool = True,
     debug_dir: Path | None = None,
     index_offset: int = 0,
+    stream: PreparedStream | None = None,
 ) -> Iterator[Row]:
     """One Row per path, in order. Holds at most ``batch_size`` prepared images at a time.
 
     ``index_offset`` is the position of ``paths[0]`` in the whole input (debug file names).
+    ``stream``: the decoding of ``paths``, already started (default: started here).
     """
     held: list[tuple[str, Prepared]] = []  # rows waiting for their batch, in order
     n_images = 0
@@ -294,7 +320,9 @@ def iter_predictions(
                 [round(float(v), PROB_DECIMALS) for v in p],
             )  # fmt: skip
 
-    for item in prepared_stream(paths, workers, preprocess, debug_dir, index_offset):
+    if stream is None:
+        stream = PreparedStream(paths, workers, preprocess, debug_dir, index_offset)
+    for item in stream:
         held.append(item)
         n_images += item[1].image is not None
         # a full batch, or many rows without images (a folder of broken files) waiting
@@ -489,16 +517,26 @@ def predict_paths(
     """
     t0 = time.perf_counter()
     paths = plan_inputs(inputs, Path(out_path), fmt, batch_size, workers, debug_dir)
-    start_pool(len(paths), workers)  # the workers start while the model loads
-    classifier = Classifier.from_file(model_path)  # ModelFileError: refused, nothing run
     debug = None if debug_dir is None else Path(debug_dir)
-    if debug is not None:
-        debug.mkdir(parents=True, exist_ok=True)
-    with _compute_threads():
-        rows = iter_predictions(paths, classifier, batch_size, workers, preprocess, debug)
-        summary = write_predictions(
-            rows, out_path, fmt, len(classifier.classes), len(paths), progress, "predict"
-        )
+    stream = None
+    if debug is None and workers > 1 and len(paths) >= MIN_FILES_FOR_PROCESSES:
+        # decoding starts in the worker processes while torch loads the model (a bad model
+        # file still refuses the run: nothing is written before it is checked)
+        stream = PreparedStream(paths, workers, preprocess, None)
+    try:
+        classifier = Classifier.from_file(model_path)  # ModelFileError: refused, nothing run
+        if debug is not None:
+            debug.mkdir(parents=True, exist_ok=True)
+        with _compute_threads():
+            rows = iter_predictions(
+                paths, classifier, batch_size, workers, preprocess, debug, stream=stream
+            )
+            summary = write_predictions(
+                rows, out_path, fmt, len(classifier.classes), len(paths), progress, "predict"
+            )
+    finally:
+        if stream is not None:
+            stream.close()
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -516,8 +554,7 @@ def predict_chunk(
 
     ``index_offset`` is the chunk's position in the whole input (debug file names).
     """
-    start_pool(len(paths), workers)  # once per process: later chunks find it started
-    classifier = Classifier.from_file(model_path)
+    classifier = cached_classifier(model_path)
     if debug_dir is not None:
         Path(debug_dir).mkdir(parents=True, exist_ok=True)
     debug = None if debug_dir is None else Path(debug_dir)

@@ -47,7 +47,9 @@ IMAGE_SUFFIXES = frozenset(
 # Files per task: amortizes a task's round trip to a worker process (~0.2 ms) over
 # 64 PNGs (~0.2 ms each) while keeping chunks small enough to balance two workers.
 DECODE_CHUNK = 64
-IN_FLIGHT_PER_WORKER = 2  # chunks queued per worker: keeps them busy, bounds memory
+# Chunks queued per worker: keeps them busy and lets them decode ahead while the caller
+# starts (imports torch, loads the model): 2 x 16 x 64 files, ~1.6 MB of 28x28 results.
+IN_FLIGHT_PER_WORKER = 16
 # Below this many files the calling process decodes them itself, in threads: no pool
 # to start for one photo (a forkserver and its workers take ~0.5 s of CPU to start).
 MIN_FILES_FOR_PROCESSES = 2 * DECODE_CHUNK
@@ -145,21 +147,81 @@ def process_pool(workers: int) -> ProcessPoolExecutor | None:
         return pool
 
 
-def start_pool(n_files: int, workers: int) -> None:
-    """Start the worker processes now when ``n_files`` will use them (overlaps model loading)."""
-    if workers > 1 and n_files >= MIN_FILES_FOR_PROCESSES:
-        pool = process_pool(workers)
-        if pool is not None:
-            for _ in range(workers):
-                pool.submit(_ready)
-
-
 def _forget(pool: Executor) -> None:
     """Drop a broken pool (a worker died: a decoder crash, OOM): the next run starts anew."""
     with _pools_lock:
         for k, p in list(_pools.items()):
             if p is pool:
                 del _pools[k]
+
+
+class PreparedStream:
+    """(path, Prepared) in input order, at most ``workers * IN_FLIGHT_PER_WORKER`` chunks ahead.
+
+    Worker processes for ``MIN_FILES_FOR_PROCESSES`` files or more (``workers`` > 1),
+    else threads of this process. The first chunks are submitted when the stream is
+    made, so the workers decode while the caller loads its model. ``close()`` (also
+    at the end of the iteration) cancels what is still queued; running chunks finish.
+    ``index_offset``: the position of ``paths[0]`` in the whole input (debug file names).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        workers: int,
+        preprocess: bool,
+        debug_dir: Path | None,
+        index_offset: int = 0,
+    ) -> None:
+        self.paths, self.preprocess, self.debug_dir = paths, preprocess, debug_dir
+        self.index_offset = index_offset
+        workers = max(1, workers)
+        big = workers > 1 and len(paths) >= MIN_FILES_FOR_PROCESSES
+        self.procs = process_pool(workers) if big else None
+        self.threads = None if self.procs is not None else ThreadPoolExecutor(workers, "decode")
+        self.max_pending = workers * IN_FLIGHT_PER_WORKER
+        self.pending: deque[tuple[int, Future]] = deque()
+        self.next_start = 0
+        self._fill()
+
+    def _fill(self) -> None:
+        """Submit chunks until ``max_pending`` are queued or the paths run out."""
+        while len(self.pending) < self.max_pending and self.next_start < len(self.paths):
+            start = self.next_start
+            chunk = self.paths[start : start + DECODE_CHUNK]
+            args = (chunk, self.index_offset + start, self.preprocess, self.debug_dir)
+            if self.procs is not None:
+                fut = self.procs.submit(_prepare_packed, *args)
+            else:
+                assert self.threads is not None
+                fut = self.threads.submit(prepare_chunk, *args)
+            self.pending.append((start, fut))
+            self.next_start += DECODE_CHUNK
+
+    def __iter__(self) -> Iterator[tuple[str, Prepared]]:
+        try:
+            while self.pending:
+                first, fut = self.pending.popleft()
+                try:
+                    result = fut.result()
+                except BrokenProcessPool:
+                    assert self.procs is not None
+                    _forget(self.procs)
+                    raise
+                self._fill()  # the next chunk is queued before this one is handed on
+                preps = _unpack(result) if self.procs is not None else result
+                yield from zip(self.paths[first : first + DECODE_CHUNK], preps, strict=True)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Drop the queued chunks (on Ctrl-C, an error downstream, the end); running ones finish."""
+        for _, fut in self.pending:
+            fut.cancel()
+        self.pending.clear()
+        self.next_start = len(self.paths)
+        if self.threads is not None:
+            self.threads.shutdown(wait=True, cancel_futures=True)
 
 
 def prepared_stream(
@@ -169,48 +231,5 @@ def prepared_stream(
     debug_dir: Path | None,
     index_offset: int = 0,
 ) -> Iterator[tuple[str, Prepared]]:
-    """(path, Prepared) in input order; at most ``workers * 2`` chunks decoded ahead.
-
-    Worker processes for ``MIN_FILES_FOR_PROCESSES`` files or more (``workers`` > 1),
-    else threads of this process. ``index_offset``: the position of ``paths[0]`` in
-    the whole input (debug file names).
-    """
-    workers = max(1, workers)
-    procs = process_pool(workers) if workers > 1 and len(paths) >= MIN_FILES_FOR_PROCESSES else None
-    threads = None if procs is not None else ThreadPoolExecutor(workers, "decode")
-    pending: deque[tuple[int, Future]] = deque()
-    max_pending = workers * IN_FLIGHT_PER_WORKER
-
-    def submit(start: int) -> None:
-        chunk = paths[start : start + DECODE_CHUNK]
-        args = (chunk, index_offset + start, preprocess, debug_dir)
-        if procs is not None:
-            pending.append((start, procs.submit(_prepare_packed, *args)))
-        else:
-            assert threads is not None
-            pending.append((start, threads.submit(prepare_chunk, *args)))
-
-    def take() -> Iterator[tuple[str, Prepared]]:
-        first, fut = pending.popleft()
-        try:
-            result = fut.result()
-        except BrokenProcessPool:
-            assert procs is not None
-            _forget(procs)
-            raise
-        preps = _unpack(result) if procs is not None else result
-        yield from zip(paths[first : first + DECODE_CHUNK], preps, strict=True)
-
-    try:
-        for start in range(0, len(paths), DECODE_CHUNK):
-            submit(start)
-            if len(pending) >= max_pending:
-                yield from take()
-        while pending:
-            yield from take()
-    finally:
-        # on Ctrl-C or an error downstream: drop the queued chunks; running ones finish
-        for _, fut in pending:
-            fut.cancel()
-        if threads is not None:
-            threads.shutdown(wait=True, cancel_futures=True)
+    """(path, Prepared) in input order (``PreparedStream``, started now)."""
+    return iter(PreparedStream(paths, workers, preprocess, debug_dir, index_offset))
