@@ -42,7 +42,7 @@ MAX_FILE_BYTES = 256 * 2**20  # a bigger file is not a digit photo; refuse befor
 MAX_PIXELS = 40_000_000  # 40 MP (JPEGs: after DCT downscaling, so any JPEG up to 2560 MP)
 # Peak bytes a decode may take: the decoded array (pixels x channels x bytes per sample)
 # and the decoder's working copies (see decode_bytes). 40 MP of 8-bit RGBA fits; with the
-# default 2 decode threads, 640 MB on top of the ~0.7 GB a predict run needs anyway.
+# default 2 decode workers, 640 MB on top of the ~0.7 GB a predict run needs anyway.
 MAX_DECODE_BYTES = 320_000_000
 
 # Images are area-downscaled to this longer side as they are decoded, before
