@@ -28,7 +28,9 @@ and saved with every measurement in ``--out`` (benchmarks/results/predict_speed.
 
 * A >= 2x B on png28 and photo640, >= 5x B on phone4032;
 * A >= 25 % of C on png28, >= 50 % of C on photo640;
-* accuracy of A not lower than in ``--baseline`` (an earlier run's JSON: "unchanged");
+* accuracy of A not lower than the older code's (``--before DIR``: another checkout's
+  `digitflow predict` runs in the same interleaved run, as A0: A0 A B C C B A A0) or
+  than in ``--baseline`` (an earlier run's JSON): "unchanged";
 * peak memory of A <= 1.5 GB; with ``--large`` (100,000 PNGs, A only) within +10 %
   of the png28 run's.
 
@@ -77,7 +79,8 @@ ACCURACY_TOLERANCE = 0.001  # "unchanged": at most 0.1 percentage point below th
 PLAIN_BATCH, PLAIN_WORKERS = 256, 2  # the plain script's DataLoader, as in the issue
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "digitflow-predict-speed"
 # A wrapper that runs one command and samples the summed RSS of its process tree
-# (psutil, every 20 ms): worker processes count too. Also the child's own ru_maxrss.
+# (psutil, every 20 ms): worker processes count too. Also the child's own ru_maxrss and
+# the CPU seconds of the whole tree (every process in it is waited for by its parent).
 MEASURE = (
     "import json, resource, subprocess, sys, time, psutil\n"
     "t = time.perf_counter()\n"
@@ -92,9 +95,10 @@ MEASURE = (
     "        pass\n"
     "    time.sleep(0.02)\n"
     "s = time.perf_counter() - t\n"
-    "kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
+    "r = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
     "print(json.dumps({'rc': p.returncode, 'seconds': s, 'peak_rss_mb': max(peak / 2**20,"
-    " kb / 1024), 'main_rss_mb': kb / 1024}))\n"
+    " r.ru_maxrss / 1024), 'main_rss_mb': r.ru_maxrss / 1024,"
+    " 'cpu_s': r.ru_utime + r.ru_stime}))\n"
 )
 
 
@@ -315,10 +319,11 @@ def decode_floor(folder: Path, flag: int, processes: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- A and B, timed
 
 
-def measured(cmd: Sequence[str]) -> dict[str, Any]:
-    """Run ``cmd`` under the MEASURE wrapper: seconds, exit code, peak RSS of its tree."""
+def measured(cmd: Sequence[str], root: Path = ROOT) -> dict[str, Any]:
+    """Run ``cmd`` in ``root`` under the MEASURE wrapper: seconds, exit code, peak RSS, CPU."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
     proc = subprocess.run(
-        [sys.executable, "-c", MEASURE, *cmd], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-c", MEASURE, *cmd], cwd=root, env=env, capture_output=True, text=True
     )
     if proc.returncode != 0:
         raise RuntimeError(f"measure wrapper failed: {proc.stderr}")
@@ -341,11 +346,16 @@ def scored(result: dict[str, Any], out: Path) -> dict[str, Any]:
     return result
 
 
-def run_digitflow(folder: Path, model: Path, out: Path, *extra: str) -> dict[str, Any]:
-    """A: `digitflow predict` end to end (python -m flows.cli, as the installed script runs it)."""
+def run_digitflow(
+    folder: Path, model: Path, out: Path, *extra: str, root: Path = ROOT
+) -> dict[str, Any]:
+    """A: `digitflow predict` end to end (python -m flows.cli, as the installed script runs it).
+
+    ``root``: the checkout whose code runs (``--before``: an older one, as A0).
+    """
     cmd = [sys.executable, "-m", "flows.cli", "predict", str(folder), "--model", str(model),
            "--out", str(out), "--no-progress", "--allow-failures", *extra]  # fmt: skip
-    return scored(measured(cmd), out)
+    return scored(measured(cmd, root), out)
 
 
 def run_plain(folder: Path, model: Path, out: Path, kind: str) -> dict[str, Any]:
@@ -384,6 +394,8 @@ def check_targets(results: dict[str, Any], baseline: dict[str, Any] | None) -> l
             )  # fmt: skip
         acc = r["accuracy"]["A"]
         before = (baseline or {}).get("sets", {}).get(name)
+        if "A0" in r["accuracy"]:  # --before: the older code, same run, same files
+            before = {"files": r["files"], "accuracy": {"A": r["accuracy"]["A0"]}}
         if before is None or before["files"] != r["files"]:
             checks.append(
                 _check(
@@ -391,7 +403,7 @@ def check_targets(results: dict[str, Any], baseline: dict[str, Any] | None) -> l
                     f"{acc:.2%}",
                     "baseline",
                     None,
-                    "no --baseline run of this set and size",
+                    "no --before, nor a --baseline run of this set and size",
                 )
             )
         else:
@@ -441,24 +453,54 @@ def print_table(results: dict[str, Any]) -> None:
             f"| {a / c:.0%} | {r['accuracy']['A']:.2%} / {r['accuracy']['B']:.2%} "
             f"| {r['peak_rss_mb']:.0f} MB |"
         )
+    if not all("A0" in r["median"] for r in results["sets"].values()):
+        return
+    print()
+    print(
+        "| set (files) | before -> after img/s | vs plain script | vs decode floor "
+        "| CPU ms/img | accuracy |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, r in results["sets"].items():
+        a0, a, b, c = (r["median"][k] for k in ("A0", "A", "B", "C"))
+        cpu, acc = r["cpu_ms_per_image"], r["accuracy"]
+        print(
+            f"| {name} ({r['files']:,}) | {a0:,.0f} -> {a:,.0f} ({a / a0:.2f}x) "
+            f"| {a0 / b:.2f}x -> {a / b:.2f}x | {a0 / c:.0%} -> {a / c:.0%} "
+            f"| {cpu['A0']:.2f} -> {cpu['A']:.2f} | {acc['A0']:.2%} -> {acc['A']:.2%} |"
+        )
 
 
 # --------------------------------------------------------------------------- main
 
 
 def bench_set(
-    spec: ImageSet, folder: Path, model: Path, work: Path, rounds: int, processes: int
+    spec: ImageSet,
+    folder: Path,
+    model: Path,
+    work: Path,
+    rounds: int,
+    processes: int,
+    before: Path | None = None,
 ) -> dict[str, Any]:
-    """A B C C B A (``rounds`` times) on one set; every run, the medians, accuracies."""
+    """A B C C B A (``rounds`` times) on one set; every run, the medians, accuracies.
+
+    With ``before`` (an older checkout), its `digitflow predict` runs too, as A0, on
+    the outside: A0 A B C C B A A0.
+    """
     out = work / "out.csv"
     runners: dict[str, Callable[[], dict[str, Any]]] = {
         "A": lambda: run_digitflow(folder, model, out),
         "B": lambda: run_plain(folder, model, out, spec.kind),
         "C": lambda: decode_floor(folder, spec.floor_flag, processes),
     }
+    order = "ABCCBA"
+    if before is not None:
+        runners["A0"] = lambda: run_digitflow(folder, model, out, root=before)
+        order = ["A0", *order, "A0"]
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in runners}
     for _ in range(rounds):
-        for key in "ABCCBA":
+        for key in order:
             r = runners[key]()
             runs[key].append(r)
             print(f"  {spec.name} {key}: {r['images_per_s']:,.0f} img/s", flush=True)
@@ -466,7 +508,12 @@ def bench_set(
         "files": runs["A"][0]["files"],
         "runs": runs,
         "median": {k: statistics.median(r["images_per_s"] for r in v) for k, v in runs.items()},
-        "accuracy": {k: runs[k][0]["accuracy"] for k in "AB"},
+        "accuracy": {k: v[0]["accuracy"] for k, v in runs.items() if k != "C"},
+        "cpu_ms_per_image": {
+            k: statistics.median(1e3 * r["cpu_s"] / r["files"] for r in v)
+            for k, v in runs.items()
+            if k != "C"
+        },
         "not_ok": runs["A"][0]["not_ok"],
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs["A"]),
     }
@@ -485,6 +532,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=1, help="A B C C B A this many times")
     ap.add_argument("--large", action="store_true", help="also 100,000 PNGs, A only (memory)")
     ap.add_argument("--baseline", type=Path, help="an earlier run's JSON: accuracy unchanged")
+    ap.add_argument(
+        "--before", type=Path,
+        help="an older checkout: its digitflow predict runs too (A0), for a before/after table",
+    )  # fmt: skip
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="the sets, kept")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/predict_speed.json")
     ap.add_argument("--make-inbox", type=Path, help="only write the data/inbox examples here")
@@ -521,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{name}: {n} files", flush=True)
         folder = make_set(args.workdir, spec, n, images, labels)
         results["sets"][name] = bench_set(
-            spec, folder, args.model, args.workdir, args.rounds, processes
+            spec, folder, args.model, args.workdir, args.rounds, processes, args.before
         )
     if args.large:
         big = args.workdir / f"png28_x10_{LARGE_FILES}"
