@@ -78,27 +78,37 @@ JPEG_QUALITY = 90
 ACCURACY_TOLERANCE = 0.001  # "unchanged": at most 0.1 percentage point below the baseline
 PLAIN_BATCH, PLAIN_WORKERS = 256, 2  # the plain script's DataLoader, as in the issue
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "digitflow-predict-speed"
-# A wrapper that runs one command and samples the summed RSS of its process tree
-# (psutil, every 20 ms): worker processes count too. Also the child's own ru_maxrss and
-# the CPU seconds of the whole tree (every process in it is waited for by its parent).
+# A wrapper that runs one command and samples its process tree every 20 ms (psutil): the
+# summed RSS (worker processes count too) and each process's own CPU seconds, kept per
+# pid (a forkserver's workers are not waited for by the command, so its rusage misses
+# them). Also the command's own ru_maxrss.
 MEASURE = (
     "import json, resource, subprocess, sys, time, psutil\n"
     "t = time.perf_counter()\n"
     "p = subprocess.Popen(sys.argv[1:])\n"
-    "peak = 0\n"
+    "peak, cpu = 0, {}\n"
     "ps = psutil.Process(p.pid)\n"
     "while p.poll() is None:\n"
     "    try:\n"
     "        procs = [ps, *ps.children(recursive=True)]\n"
-    "        peak = max(peak, sum(q.memory_info().rss for q in procs))\n"
     "    except psutil.Error:\n"
-    "        pass\n"
+    "        procs = []\n"
+    "    rss = 0\n"
+    "    for q in procs:\n"
+    "        try:\n"
+    "            with q.oneshot():\n"
+    "                rss += q.memory_info().rss\n"
+    "                c = q.cpu_times()\n"
+    "                cpu[q.pid] = c.user + c.system\n"
+    "        except psutil.Error:\n"
+    "            pass\n"
+    "    peak = max(peak, rss)\n"
     "    time.sleep(0.02)\n"
     "s = time.perf_counter() - t\n"
     "r = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
     "print(json.dumps({'rc': p.returncode, 'seconds': s, 'peak_rss_mb': max(peak / 2**20,"
     " r.ru_maxrss / 1024), 'main_rss_mb': r.ru_maxrss / 1024,"
-    " 'cpu_s': r.ru_utime + r.ru_stime}))\n"
+    " 'cpu_s': sum(cpu.values())}))\n"
 )
 
 
