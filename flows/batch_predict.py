@@ -30,7 +30,7 @@ from tasks.predict import (
     write_predictions,
 )
 
-# Locally, one chunk at a time: a chunk already keeps every core busy (decode threads
+# Locally, one chunk at a time: a chunk already keeps every core busy (decode processes
 # overlapping inference); more chunks at once would only hold more rows in memory.
 LOCAL_CHUNKS_AT_ONCE = 1
 # Seconds to reach the Dask scheduler (distributed's default is 30): a wrong or dead

@@ -68,7 +68,7 @@ MAX_SECONDS = 3600.0
 # The widest network (train.*.width) a recipe may ask for: 16x the default width, 256x its
 # multiply-adds (~2 G an image). tasks/model.py sizes its model-file bound from it.
 MAX_WIDTH = 512
-MAX_WORKERS = 256  # decoding threads: beyond any machine's cores they only add memory
+MAX_WORKERS = 256  # decoding processes: beyond any machine's cores they only add memory
 MAX_GRID = 1000  # misclassified digits in a 9-wide grid: 112 rows, a figure ~150 inches tall
 
 # extra="forbid": a misspelt key would otherwise keep its default without a word;

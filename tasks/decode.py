@@ -42,7 +42,7 @@ MAX_FILE_BYTES = 256 * 2**20  # a bigger file is not a digit photo; refuse befor
 MAX_PIXELS = 40_000_000  # 40 MP (JPEGs: after DCT downscaling, so any JPEG up to 2560 MP)
 # Peak bytes a decode may take: the decoded array (pixels x channels x bytes per sample)
 # and the decoder's working copies (see decode_bytes). 40 MP of 8-bit RGBA fits; with the
-# default 2 decode threads, 640 MB on top of the ~0.7 GB a predict run needs anyway.
+# default 2 decode workers, 640 MB on top of the ~0.7 GB a predict run needs anyway.
 MAX_DECODE_BYTES = 320_000_000
 
 # Images are area-downscaled to this longer side as they are decoded, before
@@ -533,6 +533,29 @@ def _read_file(path: Path) -> bytes:
         raise ImageError(f"cannot read: {exc.strerror or exc}") from exc
 
 
+JPEG_SCALES = (1, 2, 4, 8)  # libjpeg's DCT scaling: 1/1 .. 1/8 (cv2.IMREAD_REDUCED_*)
+
+
+def jpeg_scale(
+    width: int, height: int, max_side: int = WORK_MAX_SIDE, max_pixels: int = MAX_PIXELS
+) -> int:
+    """The DCT scale factor (1, 2, 4, 8) to decode a ``width`` x ``height`` JPEG at.
+
+    The largest that still leaves the longer side >= ``max_side`` (the side kept for
+    preprocessing: no point decoding more), or more while the image would exceed
+    ``max_pixels``: decoding allocates only the reduced image, so a 20000x20000 JPEG
+    costs 6 MB, not 400. libjpeg rounds a scaled side up (ceil). Decided from the
+    header alone; 640x480 -> 2, 4032x3024 (a phone photo) -> 8.
+    """
+    factor = JPEG_SCALES[0]
+    for bigger in JPEG_SCALES[1:]:
+        side = -(-max(width, height) // bigger)  # libjpeg's output side: ceil
+        if side < max_side and width * height / factor**2 <= max_pixels:
+            break
+        factor = bigger
+    return factor
+
+
 def load_image(
     path: Path | str,
     max_pixels: int = MAX_PIXELS,
@@ -563,15 +586,7 @@ def load_image(
         if header.format == "jpeg":
             if not _jpeg_complete(data):
                 raise ImageError("truncated JPEG (no end-of-image marker)")
-            # grayscale at the smallest DCT scale that fits: decoding allocates only the
-            # reduced image, so a 20000x20000 JPEG costs 6 MB, not 400; and no point in
-            # decoding more than the max_side we keep
-            factor = 1
-            while factor < 8 and (
-                pixels / factor**2 > max_pixels
-                or max(header.width, header.height) / (2 * factor) >= max_side
-            ):
-                factor *= 2
+            factor = jpeg_scale(header.width, header.height, max_side, max_pixels)
             if pixels / factor**2 > max_pixels:
                 raise ImageError(
                     f"image too large: {size} ({_mp(pixels)}, over {_mp(max_pixels)} "
@@ -634,6 +649,7 @@ __all__ = [
     "ImageError",
     "ImageHeader",
     "decode_bytes",
+    "jpeg_scale",
     "load_gray",
     "load_image",
     "read_header",

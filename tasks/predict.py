@@ -2,62 +2,62 @@
 
 Streaming and memory-bounded: the sorted list of paths is the only thing that
 grows with the input (~100 bytes a file). Files are decoded and preprocessed in
-a thread pool (OpenCV and numpy release the GIL) with a bounded number of chunks
-in flight; each prepared input is a 784-byte 28x28 image, batched for the
-network and written out as soon as its batch is done. The output goes to a temp
-file renamed at the end, so an interrupted run leaves no half-written file.
+worker processes (tasks.prepare_pool: started once per process; small inputs in
+threads) with a bounded number of chunks in flight; each prepared input is a
+784-byte 28x28 image, batched for the network here and written out, in input
+order, as soon as its batch is done. The output goes to a temp file renamed at
+the end, so an interrupted run leaves no half-written file. The CLI, the DVC
+predict stage and the batch_predict flow all run ``iter_predictions``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import glob
 import heapq
 import json
 import os
-import re
 import stat
 import tempfile
 import threading
 import time
 import warnings
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 from tqdm import tqdm
 
 from tasks.decode import read_header
 from tasks.io import atomic_open
-from tasks.model import load_model, normalize_uint8
-from tasks.preprocess import Prepared, encode_png, prepare_file, set_opencv_threads
+from tasks.prepare_pool import (
+    IMAGE_SUFFIXES,
+    MIN_FILES_FOR_PROCESSES,
+    PreparedStream,
+    is_image_named_dir,
+)
+from tasks.preprocess import Prepared, set_opencv_threads
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# torch is imported where it is used, not here: `digitflow predict` starts its decode
+# workers first, and they decode while this process imports torch and loads the model.
 
 FORMATS = ("csv", "jsonl")
 N_CLASSES = 10
 PROB_DECIMALS = 6  # probabilities in the output: enough to rank, short enough to diff
 
-# Suffixes of the formats OpenCV decodes: a folder named like this is reported, not walked.
-IMAGE_SUFFIXES = frozenset(
-    {
-        ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".tif", ".tiff", ".webp",
-        ".gif", ".pbm", ".pgm", ".ppm", ".pnm", ".pxm", ".sr", ".ras", ".exr", ".hdr", ".pic",
-        ".jp2", ".j2k", ".jpf", ".jpx", ".pfm", ".avif",
-    }
-)  # fmt: skip
 # bytes read to tell an image from another file in a folder walk: every header read_header
 # knows fits (a TIFF whose directory lies further on, named without .tif, counts as other)
 SNIFF_BYTES = 4096
-DECODE_CHUNK = 32  # files per thread-pool task: amortizes the executor's per-task overhead
 JIT_DEPRECATION = r"`torch\.jit\.\w+` is deprecated"  # torch.jit FutureWarnings
 INFER_SLICE = 64  # images per network call (see Classifier.probabilities)
-IN_FLIGHT_PER_WORKER = 2  # chunks queued per decode thread: keeps them busy, bounds memory
 HELD_ROWS_PER_IMAGE = 4  # rows held back for a batch: at most 4 x batch_size (bounded memory)
 PROBLEMS_KEPT = 10  # non-ok rows a summary keeps for the log (the output file has them all)
 OUTPUT_ERRORS = "surrogateescape"  # undecodable file-name bytes are written back as they were
@@ -110,10 +110,6 @@ class PredictSummary:
 # --------------------------------------------------------------------------- inputs
 
 
-def _is_image_named_dir(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES
-
-
 def _walk(top: str) -> Iterator[str]:
     """Every non-hidden file under ``top``; folders named like images are yielded, not walked.
 
@@ -159,7 +155,7 @@ def _walk(top: str) -> Iterator[str]:
                     is_dir = False
                 if not is_dir:
                     yield entry.path
-                elif _is_image_named_dir(entry.name):
+                elif is_image_named_dir(entry.name):
                     yield entry.path  # becomes an error row: "is a folder"
                 elif entry.is_symlink():
                     heapq.heappush(links, entry.path)
@@ -218,14 +214,14 @@ def expand_inputs(inputs: Iterable[Path | str], exclude: Iterable[Path] = ()) ->
     walked: set[str] = set()
     for item in inputs:
         arg = os.fspath(item)
-        if os.path.isdir(arg) and not _is_image_named_dir(arg):
+        if os.path.isdir(arg) and not is_image_named_dir(arg):
             matches: Iterable[str] = [arg]
         elif not os.path.lexists(arg) and glob.has_magic(arg):
             matches = glob.glob(arg, recursive=True) or [arg]
         else:
             matches = [arg]
         for m in matches:
-            if os.path.isdir(m) and not _is_image_named_dir(m):
+            if os.path.isdir(m) and not is_image_named_dir(m):
                 walked.update(os.path.normpath(p) for p in _walk(m))
             else:
                 found.add(os.path.normpath(m))
@@ -237,63 +233,6 @@ def expand_inputs(inputs: Iterable[Path | str], exclude: Iterable[Path] = ()) ->
         if os.path.basename(p) not in excluded_names or os.path.realpath(p) not in excluded
     )
     return Inputs(paths, skipped=len(others))
-
-
-# --------------------------------------------------------------------------- decoding
-
-
-def _debug_name(index: int, path: str) -> str:
-    """A safe, unique file name for the debug image of input number ``index``."""
-    name = os.path.basename(path).encode("utf-8", "backslashreplace").decode("utf-8")
-    safe = re.sub(r"[^\w.-]", "_", name)[:100]
-    return f"{index:07d}_{safe}.png"
-
-
-def _prepare_chunk(
-    paths: Sequence[str], start: int, preprocess: bool, debug_dir: Path | None
-) -> list[Prepared]:
-    """Decode + preprocess a few files (runs in a pool thread)."""
-    out = []
-    for i, path in enumerate(paths):
-        prep = prepare_file(path, preprocess=preprocess)
-        if prep.status == "error" and prep.message == "no such file" and glob.has_magic(path):
-            prep = Prepared(None, "error", "no file matches this pattern")
-        elif prep.message.startswith("is a folder") and not _is_image_named_dir(path):
-            real = os.path.realpath(path)
-            if real != os.path.abspath(path):  # the walk reached it again through a symlink
-                message = f"symlink to a folder already searched ({real}): not searched twice"
-                prep = Prepared(None, "error", message)
-        if debug_dir is not None and prep.image is not None:
-            (debug_dir / _debug_name(start + i, path)).write_bytes(encode_png(prep.image))
-        out.append(prep)
-    return out
-
-
-def _prepared_stream(
-    paths: Sequence[str],
-    workers: int,
-    preprocess: bool,
-    debug_dir: Path | None,
-    index_offset: int = 0,
-) -> Iterator[tuple[str, Prepared]]:
-    """(path, Prepared) in input order; at most workers * 2 chunks decoded ahead."""
-    pending: deque[tuple[int, Future[list[Prepared]]]] = deque()
-    max_pending = max(1, workers) * IN_FLIGHT_PER_WORKER
-    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode")
-    try:
-        for start in range(0, len(paths), DECODE_CHUNK):
-            chunk = paths[start : start + DECODE_CHUNK]
-            fut = pool.submit(_prepare_chunk, chunk, index_offset + start, preprocess, debug_dir)
-            pending.append((start, fut))
-            if len(pending) >= max_pending:
-                first, fut = pending.popleft()
-                yield from zip(paths[first : first + DECODE_CHUNK], fut.result(), strict=True)
-        while pending:
-            first, fut = pending.popleft()
-            yield from zip(paths[first : first + DECODE_CHUNK], fut.result(), strict=True)
-    finally:
-        # on Ctrl-C or an error downstream: drop queued chunks, let running ones finish
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------- inference
@@ -314,6 +253,8 @@ def _compute_threads() -> Iterator[None]:
     process-wide, so concurrent chunks (flow tasks in threads) share one
     reference-counted setting.
     """
+    import torch
+
     global _threads_users, _threads_before
     with _threads_lock:
         if _threads_users == 0:
@@ -342,12 +283,20 @@ class Classifier:
     @classmethod
     def from_file(cls, path: Path | str) -> Classifier:
         """Load (safely: ModelFileError for anything not ours) and freeze for inference."""
+        import torch
+
+        from tasks.model import load_model
+
         loaded = load_model(Path(path))
         example = torch.zeros(INFER_SLICE, 1, 28, 28)
         return cls(_frozen(loaded.model, example), loaded.mean, loaded.std, loaded.classes)
 
     def probabilities(self, images: list[np.ndarray]) -> np.ndarray:
         """(B, 28, 28) uint8 images -> (B, C) float64 softmax probabilities."""
+        import torch
+
+        from tasks.model import normalize_uint8
+
         x = normalize_uint8(torch.from_numpy(np.stack(images)), self.mean, self.std)
         with torch.inference_mode():
             # slices of 64 keep the first conv's activations (64x64x26x26 floats, 11 MB)
@@ -356,6 +305,17 @@ class Classifier:
                 [self.forward(x[i : i + INFER_SLICE]) for i in range(0, len(x), INFER_SLICE)]
             )
         return torch.softmax(logits.double(), dim=1).numpy()
+
+
+def cached_classifier(path: Path | str) -> Classifier:
+    """``Classifier.from_file``, kept while the file is unchanged: chunks load it once."""
+    st = os.stat(path)
+    return _cached_classifier(os.path.realpath(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=2)  # the model of this run, and one more (a retrain's candidate)
+def _cached_classifier(real: str, mtime_ns: int, size: int) -> Classifier:
+    return Classifier.from_file(real)
 
 
 def _frozen(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -367,6 +327,8 @@ def _frozen(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor],
     """
     # only the deprecation notices, see above; a filter rather than catch_warnings(),
     # which is not thread-safe (chunk tasks build classifiers in parallel threads)
+    import torch
+
     warnings.filterwarnings("ignore", message=JIT_DEPRECATION, category=FutureWarning)
     with torch.inference_mode():
         traced = torch.jit.trace(model, example, check_trace=False)
@@ -381,10 +343,12 @@ def iter_predictions(
     preprocess: bool = True,
     debug_dir: Path | None = None,
     index_offset: int = 0,
+    stream: PreparedStream | None = None,
 ) -> Iterator[Row]:
     """One Row per path, in order. Holds at most ``batch_size`` prepared images at a time.
 
     ``index_offset`` is the position of ``paths[0]`` in the whole input (debug file names).
+    ``stream``: the decoding of ``paths``, already started (default: started here).
     """
     held: list[tuple[str, Prepared]] = []  # rows waiting for their batch, in order
     n_images = 0
@@ -403,7 +367,9 @@ def iter_predictions(
                 [round(float(v), PROB_DECIMALS) for v in p],
             )  # fmt: skip
 
-    for item in _prepared_stream(paths, workers, preprocess, debug_dir, index_offset):
+    if stream is None:
+        stream = PreparedStream(paths, workers, preprocess, debug_dir, index_offset)
+    for item in stream:
         held.append(item)
         n_images += item[1].image is not None
         # a full batch, or many rows without images (a folder of broken files) waiting
@@ -602,15 +568,26 @@ def predict_paths(
     t0 = time.perf_counter()
     planned = plan_inputs(inputs, Path(out_path), fmt, batch_size, workers, debug_dir)
     paths = planned.paths
-    classifier = Classifier.from_file(model_path)  # ModelFileError: refused, nothing run
     debug = None if debug_dir is None else Path(debug_dir)
-    if debug is not None:
-        debug.mkdir(parents=True, exist_ok=True)
-    with _compute_threads():
-        rows = iter_predictions(paths, classifier, batch_size, workers, preprocess, debug)
-        summary = write_predictions(
-            rows, out_path, fmt, len(classifier.classes), len(paths), progress, "predict"
-        )
+    stream = None
+    if debug is None and workers > 1 and len(paths) >= MIN_FILES_FOR_PROCESSES:
+        # decoding starts in the worker processes while torch loads the model (a bad model
+        # file still refuses the run: nothing is written before it is checked)
+        stream = PreparedStream(paths, workers, preprocess, None)
+    try:
+        classifier = Classifier.from_file(model_path)  # ModelFileError: refused, nothing run
+        if debug is not None:
+            debug.mkdir(parents=True, exist_ok=True)
+        with _compute_threads():
+            rows = iter_predictions(
+                paths, classifier, batch_size, workers, preprocess, debug, stream=stream
+            )
+            summary = write_predictions(
+                rows, out_path, fmt, len(classifier.classes), len(paths), progress, "predict"
+            )
+    finally:
+        if stream is not None:
+            stream.close()
     summary.skipped = planned.skipped
     summary.seconds = time.perf_counter() - t0
     return summary
@@ -629,7 +606,7 @@ def predict_chunk(
 
     ``index_offset`` is the chunk's position in the whole input (debug file names).
     """
-    classifier = Classifier.from_file(model_path)
+    classifier = cached_classifier(model_path)
     if debug_dir is not None:
         Path(debug_dir).mkdir(parents=True, exist_ok=True)
     debug = None if debug_dir is None else Path(debug_dir)

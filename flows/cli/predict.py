@@ -71,7 +71,7 @@ BatchOpt = Annotated[
     typer.Option("--batch-size", min=1, help="images per forward pass (default: params)"),
 ]
 WorkersOpt = Annotated[
-    int | None, typer.Option("--workers", min=1, help="decoding threads (default: params)")
+    int | None, typer.Option("--workers", min=1, help="decoding processes (default: params)")
 ]
 ParamsOpt = Annotated[
     Path | None,

@@ -1,0 +1,235 @@
+"""Decode + preprocess in worker processes: started once per process, reused by every run.
+
+Decoding and preprocessing hold the GIL for much of their time (Pillow's header
+parse, numpy's small calls) and tasks.decode serializes two steps process-wide
+(Pillow's header reads, the C-stderr capture around a JPEG decode), so threads do
+not scale: worker processes do. The pool is started at the first large input and
+kept for the life of the process (the batch_predict flow's chunks, a test session
+reuse it): start-up is paid once. The workers are forked from a forkserver that has
+imported this module (numpy, OpenCV, Pillow; not torch). As with any
+multiprocessing use, each worker also imports the main script (``digitflow``: the
+CLI, no torch; ``python -m``: nothing), so a script calling predict_paths needs the
+usual ``if __name__ == "__main__":`` guard.
+
+Small inputs (fewer than ``MIN_FILES_FOR_PROCESSES`` files) and daemonic processes
+(a Dask worker cannot have children) use threads in the calling process instead:
+the same function on the same files, so the same rows.
+
+This module imports no torch: the workers stay small.
+"""
+
+from __future__ import annotations
+
+import glob
+import multiprocessing
+import os
+import re
+import signal
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import numpy as np
+
+from tasks.preprocess import Prepared, encode_png, prepare_file, set_opencv_threads
+
+# Suffixes of the formats OpenCV decodes: a folder named like this is reported, not walked.
+IMAGE_SUFFIXES = frozenset(
+    {
+        ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".tif", ".tiff", ".webp",
+        ".gif", ".pbm", ".pgm", ".ppm", ".pnm", ".pxm", ".sr", ".ras", ".exr", ".hdr", ".pic",
+        ".jp2", ".j2k", ".jpf", ".jpx", ".pfm", ".avif",
+    }
+)  # fmt: skip
+# Files per task: amortizes a task's round trip to a worker process (~0.2 ms) over
+# 64 PNGs (~0.2 ms each) while keeping chunks small enough to balance two workers.
+DECODE_CHUNK = 64
+# Chunks queued per worker: keeps them busy and lets them decode ahead while the caller
+# starts (imports torch, loads the model): 2 x 16 x 64 files, ~1.6 MB of 28x28 results.
+IN_FLIGHT_PER_WORKER = 16
+# Below this many files the calling process decodes them itself, in threads: no pool
+# to start for one photo (a forkserver and its workers take ~0.5 s of CPU to start).
+MIN_FILES_FOR_PROCESSES = 2 * DECODE_CHUNK
+MNIST_SHAPE = (28, 28)  # a Prepared image
+
+_pools: dict[int, ProcessPoolExecutor] = {}  # worker count -> this process's pool
+_pools_lock = threading.Lock()
+
+
+def is_image_named_dir(path: str) -> bool:
+    """A path whose suffix is an image format's (a folder named so is reported, not walked)."""
+    return os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES
+
+
+def debug_name(index: int, path: str) -> str:
+    """A safe, unique file name for the debug image of input number ``index``."""
+    name = os.path.basename(path).encode("utf-8", "backslashreplace").decode("utf-8")
+    safe = re.sub(r"[^\w.-]", "_", name)[:100]
+    return f"{index:07d}_{safe}.png"
+
+
+def prepare_chunk(
+    paths: Sequence[str], start: int, preprocess: bool, debug_dir: Path | None
+) -> list[Prepared]:
+    """Decode + preprocess a few files (in a worker process or a pool thread)."""
+    out = []
+    for i, path in enumerate(paths):
+        prep = prepare_file(path, preprocess=preprocess)
+        if prep.status == "error" and prep.message == "no such file" and glob.has_magic(path):
+            prep = Prepared(None, "error", "no file matches this pattern")
+        elif prep.message.startswith("is a folder") and not is_image_named_dir(path):
+            real = os.path.realpath(path)
+            if real != os.path.abspath(path):  # the walk reached it again through a symlink
+                message = f"symlink to a folder already searched ({real}): not searched twice"
+                prep = Prepared(None, "error", message)
+        if debug_dir is not None and prep.image is not None:
+            (debug_dir / debug_name(start + i, path)).write_bytes(encode_png(prep.image))
+        out.append(prep)
+    return out
+
+
+# A chunk's results as they cross the process boundary: one (k, 28, 28) array for the
+# k images and the (status, message) of every file; cheaper to pickle than k objects.
+Packed = tuple[np.ndarray, list[tuple[str, str]]]
+
+
+def _prepare_packed(
+    paths: Sequence[str], start: int, preprocess: bool, debug_dir: Path | None
+) -> Packed:
+    """``prepare_chunk`` in a worker process, its results packed."""
+    preps = prepare_chunk(paths, start, preprocess, debug_dir)
+    images = [p.image for p in preps if p.image is not None]
+    stacked = np.stack(images) if images else np.empty((0, *MNIST_SHAPE), np.uint8)
+    return stacked, [(p.status, p.message) for p in preps]
+
+
+def _unpack(packed: Packed) -> list[Prepared]:
+    images, statuses = packed
+    it = iter(images)
+    return [
+        Prepared(next(it) if status == "ok" else None, status, message)
+        for status, message in statuses
+    ]
+
+
+def _init_worker() -> None:
+    """Ctrl-C goes to the whole process group: the parent stops and cancels, workers carry on.
+
+    One OpenCV thread: the workers are the parallelism.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    set_opencv_threads(1)
+
+
+def _ready() -> int:
+    return os.getpid()
+
+
+def process_pool(workers: int) -> ProcessPoolExecutor | None:
+    """This process's pool of ``workers`` decode processes; None where there can be none.
+
+    A daemonic process (a Dask worker, a multiprocessing worker) may not start
+    children: its callers decode in threads.
+    """
+    if multiprocessing.current_process().daemon:
+        return None
+    with _pools_lock:
+        pool = _pools.get(workers)
+        if pool is None:
+            ctx = multiprocessing.get_context("forkserver")
+            # the forkserver imports this module once; each worker is a fork of it
+            ctx.set_forkserver_preload([__name__])
+            pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker)
+            _pools[workers] = pool
+        return pool
+
+
+def _forget(pool: Executor) -> None:
+    """Drop a broken pool (a worker died: a decoder crash, OOM): the next run starts anew."""
+    with _pools_lock:
+        for k, p in list(_pools.items()):
+            if p is pool:
+                del _pools[k]
+
+
+class PreparedStream:
+    """(path, Prepared) in input order, at most ``workers * IN_FLIGHT_PER_WORKER`` chunks ahead.
+
+    Worker processes for ``MIN_FILES_FOR_PROCESSES`` files or more (``workers`` > 1),
+    else threads of this process. The first chunks are submitted when the stream is
+    made, so the workers decode while the caller loads its model. ``close()`` (also
+    at the end of the iteration) cancels what is still queued; running chunks finish.
+    ``index_offset``: the position of ``paths[0]`` in the whole input (debug file names).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        workers: int,
+        preprocess: bool,
+        debug_dir: Path | None,
+        index_offset: int = 0,
+    ) -> None:
+        self.paths, self.preprocess, self.debug_dir = paths, preprocess, debug_dir
+        self.index_offset = index_offset
+        workers = max(1, workers)
+        big = workers > 1 and len(paths) >= MIN_FILES_FOR_PROCESSES
+        self.procs = process_pool(workers) if big else None
+        self.threads = None if self.procs is not None else ThreadPoolExecutor(workers, "decode")
+        self.max_pending = workers * IN_FLIGHT_PER_WORKER
+        self.pending: deque[tuple[int, Future]] = deque()
+        self.next_start = 0
+        self._fill()
+
+    def _fill(self) -> None:
+        """Submit chunks until ``max_pending`` are queued or the paths run out."""
+        while len(self.pending) < self.max_pending and self.next_start < len(self.paths):
+            start = self.next_start
+            chunk = self.paths[start : start + DECODE_CHUNK]
+            args = (chunk, self.index_offset + start, self.preprocess, self.debug_dir)
+            if self.procs is not None:
+                fut = self.procs.submit(_prepare_packed, *args)
+            else:
+                assert self.threads is not None
+                fut = self.threads.submit(prepare_chunk, *args)
+            self.pending.append((start, fut))
+            self.next_start += DECODE_CHUNK
+
+    def __iter__(self) -> Iterator[tuple[str, Prepared]]:
+        try:
+            while self.pending:
+                first, fut = self.pending.popleft()
+                try:
+                    result = fut.result()
+                except BrokenProcessPool:
+                    assert self.procs is not None
+                    _forget(self.procs)
+                    raise
+                self._fill()  # the next chunk is queued before this one is handed on
+                preps = _unpack(result) if self.procs is not None else result
+                yield from zip(self.paths[first : first + DECODE_CHUNK], preps, strict=True)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Drop the queued chunks (on Ctrl-C, an error downstream, the end); running ones finish."""
+        for _, fut in self.pending:
+            fut.cancel()
+        self.pending.clear()
+        self.next_start = len(self.paths)
+        if self.threads is not None:
+            self.threads.shutdown(wait=True, cancel_futures=True)
+
+
+def prepared_stream(
+    paths: Sequence[str],
+    workers: int,
+    preprocess: bool,
+    debug_dir: Path | None,
+    index_offset: int = 0,
+) -> Iterator[tuple[str, Prepared]]:
+    """(path, Prepared) in input order (``PreparedStream``, started now)."""
+    return iter(PreparedStream(paths, workers, preprocess, debug_dir, index_offset))
