@@ -242,6 +242,8 @@ class PredictParams:
     workers: Annotated[StrictInt, Field(ge=1, le=MAX_WORKERS)] = 2
     preprocess: StrictBool = True
     chunk_size: Annotated[StrictInt, Field(ge=1)] = 1000
+    # a softmax confidence: 0 flags no ok row, 1 (or more than any confidence) flags all
+    review_below: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.9
 
 
 @dataclass(frozen=True, config=_CONFIG)
