@@ -17,6 +17,7 @@ PROJECT_MARKER = "dvc.yaml"
 RAW_DIR = "data/raw"
 PREPARED_DIR = "data/prepared"
 TEST_SET = f"{PREPARED_DIR}/test.npz"
+RENDERS = "data/renders/train.npz"  # synthetic photos of training digits, as predict sees them
 MODEL_FILE = "data/models/{name}/model.pt"  # predict uses params.yaml predict.model's
 TRAIN_DIR = "data/train/{name}"  # dvclive's metrics.json and plots
 CHECKPOINT_FILE = "data/checkpoints/{name}.pt"  # transient: git-ignored, not a DVC out

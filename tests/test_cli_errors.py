@@ -21,7 +21,7 @@ from flows.cli.errors import EXPECTED_ERRORS, USAGE_EXIT
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 PANELS = {
-    "Pipeline stages": ["download", "split", "train", "evaluate", "report"],
+    "Pipeline stages": ["download", "split", "render", "train", "evaluate", "report"],
     "Prediction": ["predict", "batch-predict"],
     "Prefect flows": ["run", "retrain", "serve"],
 }
@@ -48,6 +48,9 @@ def _args(command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list
         return ["download", "--out", str(tmp_path / "raw"), "--params", str(params)]
     if command == "split":  # FileNotFoundError: no raw files
         return ["split", "--raw", str(nowhere), "--out", str(tmp_path / "prep"),
+                "--params", str(ROOT / "params.yaml")]  # fmt: skip
+    if command == "render":  # FileNotFoundError: no training split
+        return ["render", "--data", str(nowhere), "--out", str(tmp_path / "r.npz"),
                 "--params", str(ROOT / "params.yaml")]  # fmt: skip
     if command == "train":  # ParamsError
         return ["train", "--data", str(tmp_path), "--model", str(tmp_path / "m.pt"),
