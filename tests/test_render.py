@@ -31,7 +31,8 @@ def test_renders_are_seeded_network_inputs_of_training_digits(
     b = render_dataset(train_npz, tmp_path / "b" / "renders.npz", TINY)
     assert a.path.read_bytes() == b.path.read_bytes()  # same params: same renders
     x, y = load_arrays(a.path)
-    assert a.n == len(x) == TINY.count - a.empty and a.empty <= TINY.count // 4
+    assert a.n == len(x) == TINY.count - a.empty - a.lost
+    assert a.n >= TINY.count // 2  # most renders keep their digit
     assert x.dtype == np.uint8 and x.shape[1:] == (28, 28)
     assert set(y.tolist()) <= set(range(10))
     assert all(img.max() > 0 for img in x)  # the digit was found: ink in every input

@@ -102,7 +102,10 @@ def render(
 
     p = load_params(params).render
     result = render_dataset(data / "train.npz", out, p)
-    typer.echo(f"wrote {result.path}: {result.n} renders ({result.empty} found empty, left out)")
+    typer.echo(
+        f"wrote {result.path}: {result.n} of {p.count} renders "
+        f"(left out: {result.empty} found empty, {result.lost} with the digit lost)"
+    )
 
 
 @app.command(rich_help_panel=PANEL)
