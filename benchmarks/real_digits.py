@@ -393,6 +393,11 @@ ABLATION = (
     Variant("fixed ink floor (no noise floor)", True, _steps(Steps(noise_floor=False))),
     Variant("former line rule (any long thin run)", True, _steps(Steps(lines=LINES_ANY))),
     Variant("no line removal", True, _steps(Steps(lines=LINES_OFF))),
+    Variant(
+        "thick runs are strokes (no stacked-line check)",
+        True,
+        _steps(Steps(stacked_lines=False)),
+    ),
     Variant("no stroke-width normalization", True, _steps(Steps(stroke_width=False))),
     Variant("no colour channel choice (gray)", True, _steps(Steps(colour=False))),
     Variant(
