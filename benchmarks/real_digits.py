@@ -89,6 +89,12 @@ DOWNSCALED = "photo downscaled to 28x28"
 OTHER = "other"
 NO_KIND = "no kind (not in sources.csv)"
 GROUPS = (PHOTO, CANVAS, SMALL, DOWNSCALED, OTHER, NO_KIND)  # the order of the tables
+NO_ROUND = "-"  # the round of an image sources.csv does not list (or without a round column)
+ALL_ROUNDS = "all"  # the overall row of the per-round table
+MISS_FIELDS = (  # what the JSON and the printout keep of each miss
+    "file", "round", "truth", "prediction", "confidence", "review", "baseline_prediction",
+    "status", "message",
+)  # fmt: skip
 SMALL_MAX_SIDE = 64  # px: a kind whose stated size (WxH) is at most this is a small image
 SIZE = re.compile(r"\b(\d+)\s*x\s*(\d+)\b")  # an image size in a kind: "28x28", "130x130"
 
@@ -140,6 +146,18 @@ def read_sources(folder: Path) -> dict[str, str] | None:
         return {row["file"]: row.get("kind") or "" for row in csv.DictReader(fh)}
 
 
+def read_rounds(folder: Path) -> dict[str, str] | None:
+    """``sources.csv``'s ``round`` per file (``<label>/<name>``); None without the column."""
+    path = folder / SOURCES
+    if not path.is_file():
+        return None
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        if "round" not in (reader.fieldnames or ()):
+            return None
+        return {row["file"]: row["round"] or NO_ROUND for row in reader}
+
+
 class CliError(RuntimeError):
     """`digitflow predict` exited with a code other than 0 or 1, or wrote no output."""
 
@@ -187,9 +205,15 @@ def image_records(
     rows: list[dict[str, str]],
     naive_rows: list[dict[str, str]],
     kinds: dict[str, str] | None,
+    rounds: dict[str, str] | None = None,
+    baseline: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """One record per image (in output order): truth, both runs' predictions, kind."""
+    """One record per image (in output order): truth, the runs' predictions, kind, round.
+
+    ``baseline``: the 20-line baseline's prediction per ``<label>/<name>`` (baseline_predictions).
+    """
     naive = {image_key(folder, r["path"]): prediction(r) for r in naive_rows}
+    baseline = baseline or {}
     records = []
     for index, row in enumerate(rows):
         key = image_key(folder, row["path"])
@@ -208,6 +232,11 @@ def image_records(
                 "correct": pred == truth,
                 "naive_prediction": naive_pred,
                 "naive_correct": naive_pred == truth,
+                "baseline_prediction": baseline.get(key, NO_PREDICTION),
+                "baseline_correct": baseline.get(key, NO_PREDICTION) == truth,
+                # the CLI's review column; a CLI without one flags nothing
+                "review": row.get("review") == "true",
+                "round": NO_ROUND if rounds is None else rounds.get(key, NO_ROUND),
                 "kind": kind,
                 "group": NO_KIND if kind is None else kind_group(kind),
             }
@@ -225,6 +254,40 @@ def breakdown(records: list[dict[str, Any]], field: str, order: Iterable[str]) -
     return out
 
 
+def review_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The review flag: its recall on the misses and its rate on the correct rows."""
+    misses = [r for r in records if not r["correct"]]
+    correct = [r for r in records if r["correct"]]
+    flagged_misses = sum(r["review"] for r in misses)
+    flagged_correct = sum(r["review"] for r in correct)
+    return {
+        "flagged": flagged_misses + flagged_correct,
+        "misses": len(misses),
+        "flagged_misses": flagged_misses,
+        "recall_on_misses": flagged_misses / len(misses) if misses else None,
+        "correct": len(correct),
+        "flagged_correct": flagged_correct,
+        "rate_on_correct": flagged_correct / len(correct) if correct else None,
+    }
+
+
+def per_round(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per round (sources.csv) and overall: ours, the baseline, the gain, the review flag."""
+    rounds = sorted({r["round"] for r in records}, key=lambda x: (x == NO_ROUND, x))
+    out = {}
+    for name in [*rounds, ALL_ROUNDS]:
+        subset = records if name == ALL_ROUNDS else [r for r in records if r["round"] == name]
+        ours, base = score(subset), score(subset, "baseline_correct")
+        out[name] = {
+            "ours": ours,
+            "baseline": base,
+            "gain": ours["accuracy"] - base["accuracy"],
+            "empty": sum(r["status"] == "empty" for r in subset),
+            "review": review_figures(subset),
+        }
+    return out
+
+
 def summarize(records: list[dict[str, Any]], has_kinds: bool) -> dict[str, Any]:
     """All the figures: overall, per label, per kind, confusion pairs and misses."""
     misses = [r for r in records if not r["correct"]]
@@ -233,6 +296,7 @@ def summarize(records: list[dict[str, Any]], has_kinds: bool) -> dict[str, Any]:
     return {
         "n_images": len(records),
         "overall": score(records),
+        "per_round": per_round(records),
         "per_label": {label: score(r for r in records if r["truth"] == label) for label in LABELS},
         "per_group": breakdown(records, "group", GROUPS) if has_kinds else None,
         "per_kind": breakdown(records, "kind", kinds) if has_kinds else None,
@@ -240,10 +304,7 @@ def summarize(records: list[dict[str, Any]], has_kinds: bool) -> dict[str, Any]:
             {"truth": t, "prediction": p, "count": c}
             for (t, p), c in sorted(pairs.items(), key=lambda item: (-item[1], item[0]))
         ],
-        "misses": [
-            {k: r[k] for k in ("file", "truth", "prediction", "confidence", "status", "message")}
-            for r in misses
-        ],
+        "misses": [{k: r[k] for k in MISS_FIELDS} for r in misses],
         "naive_resize": {
             "options": ["--no-preprocess"],
             "overall": score(records, "naive_correct"),
@@ -332,6 +393,11 @@ ABLATION = (
     Variant("fixed ink floor (no noise floor)", True, _steps(Steps(noise_floor=False))),
     Variant("former line rule (any long thin run)", True, _steps(Steps(lines=LINES_ANY))),
     Variant("no line removal", True, _steps(Steps(lines=LINES_OFF))),
+    Variant(
+        "thick runs are strokes (no stacked-line check)",
+        True,
+        _steps(Steps(stacked_lines=False)),
+    ),
     Variant("no stroke-width normalization", True, _steps(Steps(stroke_width=False))),
     Variant("no colour channel choice (gray)", True, _steps(Steps(colour=False))),
     Variant(
@@ -344,15 +410,53 @@ ABLATION = (
 )
 
 
+def infer(model: Any, images: Sequence[np.ndarray | None]) -> list[str]:
+    """The loaded model's class for each 28x28 image (a blank image where None)."""
+    import torch
+
+    from tasks.model import normalize_uint8
+
+    blank = np.zeros((MNIST_SIZE, MNIST_SIZE), np.uint8)
+    batch = torch.from_numpy(np.stack([blank if x is None else x for x in images]))
+    with torch.inference_mode():
+        preds = torch.cat(
+            [
+                model.model(normalize_uint8(batch[i : i + ABLATION_BATCH], model.mean, model.std))
+                for i in range(0, len(batch), ABLATION_BATCH)
+            ]
+        ).argmax(1)
+    return [model.classes[int(p)] for p in preds]
+
+
+def baseline_predictions(folder: Path, model_path: Path) -> dict[str, str]:
+    """The 20-line baseline's prediction per ``<label>/<name>``, with the same model.
+
+    A file that cannot be decoded, or where the baseline finds no ink, is NO_PREDICTION.
+    """
+    from tasks.model import load_model
+
+    model = load_model(model_path)
+    files = labelled_files(folder)
+    images: list[np.ndarray | None] = []
+    for f in files:
+        try:
+            images.append(mnist_style_baseline(load_gray(f)))
+        except ImageError:  # an error row in the CLI too
+            images.append(None)
+    preds = infer(model, images)
+    return {
+        image_key(folder, str(f)): NO_PREDICTION if x is None else p
+        for f, x, p in zip(files, images, preds, strict=True)
+    }
+
+
 def ablation(folder: Path, model_path: Path, kinds: dict[str, str] | None) -> list[dict[str, Any]]:
     """Every ABLATION variant's accuracy, overall and per broad kind, computed in-process.
 
     Each file is decoded once per decoding (colour, gray) as prepare_file does;
     a file that cannot be decoded, or a variant that finds no ink, is a miss.
     """
-    import torch
-
-    from tasks.model import load_model, normalize_uint8
+    from tasks.model import load_model
 
     model = load_model(model_path)
     files = labelled_files(folder)
@@ -372,20 +476,10 @@ def ablation(folder: Path, model_path: Path, kinds: dict[str, str] | None) -> li
     rows = []
     for v in ABLATION:
         images = inputs[v.name]
-        blank = np.zeros((MNIST_SIZE, MNIST_SIZE), np.uint8)
-        batch = torch.from_numpy(np.stack([blank if x is None else x for x in images]))
-        with torch.inference_mode():
-            preds = torch.cat(
-                [
-                    model.model(
-                        normalize_uint8(batch[i : i + ABLATION_BATCH], model.mean, model.std)
-                    )
-                    for i in range(0, len(batch), ABLATION_BATCH)
-                ]
-            ).argmax(1)
+        preds = infer(model, images)
         records = [
             {
-                "correct": x is not None and model.classes[int(p)] == k.split("/", 1)[0],
+                "correct": x is not None and p == k.split("/", 1)[0],
                 "group": g,
             }
             for x, p, k, g in zip(images, preds, keys, groups, strict=True)
@@ -416,6 +510,26 @@ def print_ablation(rows: list[dict[str, Any]]) -> None:
         print(f"| {r['variant']} | {overall} | {r['empty']} | " + " | ".join(cells) + " |")
 
 
+def print_rounds(rounds: dict[str, Any]) -> None:
+    """Per round and overall: ours, the baseline, the gain, the review flag's figures."""
+    print(
+        "\n| round | n | ours | 20-line baseline | gain | empty | review: misses flagged "
+        "| review: correct flagged |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    for name, r in rounds.items():
+        rv = r["review"]
+        recall = f"{rv['flagged_misses']}/{rv['misses']}" + (
+            f" = {rv['recall_on_misses']:.0%}" if rv["misses"] else ""
+        )
+        rate = f"{rv['flagged_correct']}/{rv['correct']}" + (
+            f" = {rv['rate_on_correct']:.1%}" if rv["correct"] else ""
+        )
+        print(
+            f"| {name} | {r['ours']['n']} | {fmt_acc(r['ours'])} | {fmt_acc(r['baseline'])} "
+            f"| {r['gain'] * 100:+.1f} pt | {r['empty']} | {recall} | {rate} |"
+        )
+
+
 def fmt_acc(s: dict[str, Any]) -> str:
     """An accuracy as a percentage, ``-`` when there were no images."""
     return "-" if s["accuracy"] is None else f"{s['accuracy']:.1%}"
@@ -444,14 +558,17 @@ def print_report(results: dict[str, Any]) -> None:
         print("|---|---:|---:|---:|---:|")
         for group, s in results["per_group"].items():
             print(f"| {group} | {s['n']} | {s['correct']} | {fmt_acc(s)} | {fmt_acc(s['naive'])} |")
+    print_rounds(results["per_round"])
     print("\nconfusion pairs (truth -> prediction: count):")
     for p in results["confusion_pairs"]:
         print(f"  {p['truth']} -> {p['prediction']}: {p['count']}")
     print(f"\nmisses ({len(results['misses'])}):")
     for m in results["misses"]:
         conf = "-" if m["confidence"] is None else f"{m['confidence']:.3f}"
+        flag = ", review" if m["review"] else ""
         print(
-            f"  {printable(m['file'])}: {m['truth']} -> {m['prediction']} ({conf}, {m['status']})"
+            f"  {printable(m['file'])} (round {m['round']}): {m['truth']} -> {m['prediction']} "
+            f"({conf}, {m['status']}{flag}; baseline {m['baseline_prediction']})"
         )
     if results.get("saved_misses") is not None:
         print(f"saved {results['saved_misses']} network inputs to {results['saved_misses_dir']}")
@@ -501,7 +618,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         except CliError as exc:
             return fail(EXIT_CLI_FAILED, str(exc))
-        records = image_records(folder, rows, naive_rows, kinds)
+        baseline = baseline_predictions(folder, model or default_model())
+        records = image_records(folder, rows, naive_rows, kinds, read_rounds(folder), baseline)
         if not records:
             return fail(EXIT_NO_INPUT, f"no labelled images in {folder}")
         saved = save_misses(records, work / "debug", args.save_misses) if debug else None

@@ -62,7 +62,15 @@ from flows.paths import PROJECT_MARKER
 from tasks.decode import read_header
 from tasks.labels import store_labelled
 from tasks.model import ModelFileError
-from tasks.predict import INFER_SLICE, PROB_DECIMALS, Classifier, Row, RowWriter
+from tasks.predict import (
+    DEFAULT_REVIEW_BELOW,
+    INFER_SLICE,
+    PROB_DECIMALS,
+    Classifier,
+    Row,
+    RowWriter,
+    needs_review,
+)
 from tasks.preprocess import MNIST_SIZE, Prepared, encode_png, prepare_file, set_opencv_threads
 
 log = logging.getLogger(__name__)
@@ -91,6 +99,7 @@ class ApiSettings:
 
     model: str  # the model file, watched for swaps
     preprocess: bool = True  # as `digitflow predict --preprocess` (the default)
+    review_below: float = DEFAULT_REVIEW_BELOW  # as params.yaml predict.review_below
     max_body_bytes: int = 8 * 2**20  # a 12 MP phone JPEG is 3-6 MB
     max_files: int = 16  # images per request
     time_limit_s: float = 10.0  # per request: reading the body, queueing, computing
@@ -669,6 +678,8 @@ def create_app(settings: ApiSettings, watcher: ModelWatcher | None = None) -> Fa
                         deadline, settings.time_limit_s,
                     )  # fmt: skip
         rows = make_rows([u.name for u in uploads], prepared, probs, classes)
+        for row in rows:  # the CLI's review flag, set as write_predictions sets it
+            row.review = needs_review(row, settings.review_below)
         refusal = _refusal_for(rows)
         if refusal is not None:
             raise refusal

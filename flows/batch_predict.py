@@ -21,6 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.model import load_model
 from tasks.predict import (
+    DEFAULT_REVIEW_BELOW,
     PredictSummary,
     PredictUsageError,
     Row,
@@ -66,6 +67,7 @@ def batch_predict(
     preprocess: bool = True,
     debug_dir: Path | None = None,
     progress: bool | None = None,
+    review_below: float = DEFAULT_REVIEW_BELOW,
 ) -> PredictSummary:
     """Classify every image under ``inputs`` into ``out_path``, chunk by chunk.
 
@@ -98,8 +100,9 @@ def batch_predict(
 
     n_classes = len(loaded.classes)
     summary = write_predictions(
-        rows_in_order(), out_path, fmt, n_classes, len(paths), progress, "batch-predict"
-    )
+        rows_in_order(), out_path, fmt, n_classes, len(paths), progress, "batch-predict",
+        review_below,
+    )  # fmt: skip
     summary.skipped = planned.skipped
     return summary
 
@@ -145,6 +148,7 @@ def run_batch_predict(
     debug_dir: Path | None = None,
     dask_address: str | None = None,
     progress: bool | None = None,
+    review_below: float = DEFAULT_REVIEW_BELOW,
 ) -> PredictSummary:
     """Run the flow on local threads, or on the Dask scheduler at ``dask_address``.
 
@@ -172,6 +176,7 @@ def run_batch_predict(
         preprocess=preprocess,
         debug_dir=debug_dir,
         progress=progress,
+        review_below=review_below,
     )
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -21,6 +21,7 @@ LABELED_DIR = "data/labeled"  # your own images: <label>/<file>, a persistent DV
 LABELED_SPLIT_DIR = "data/labeled_split"  # their train.npz and test.npz
 PREPARED_DIR = "data/prepared"
 TEST_SET = f"{PREPARED_DIR}/test.npz"
+RENDERS = "data/renders/train.npz"  # synthetic photos of training digits, as predict sees them
 MODEL_FILE = "data/models/{name}/model.pt"  # predict uses params.yaml predict.model's
 TRAIN_DIR = "data/train/{name}"  # dvclive's metrics.json and plots
 CHECKPOINT_FILE = "data/checkpoints/{name}.pt"  # transient: git-ignored, not a DVC out

@@ -68,6 +68,7 @@ MAX_SECONDS = 3600.0
 # The widest network (train.*.width) a recipe may ask for: 16x the default width, 256x its
 # multiply-adds (~2 G an image). tasks/model.py sizes its model-file bound from it.
 MAX_WIDTH = 512
+MAX_RENDERS = 1_000_000  # synthetic photos: ~2 ms each to make, so a million is half an hour
 MAX_WORKERS = 256  # decoding processes: beyond any machine's cores they only add memory
 MAX_GRID = 1000  # misclassified digits in a 9-wide grid: 112 rows, a figure ~150 inches tall
 
@@ -211,6 +212,8 @@ class TrainParams:
     channels_last: StrictBool = True
     compile: StrictBool = False
     amp: StrictBool = False
+    # the rendered photos' share of the training set (tasks/render.py); below 1: MNIST stays
+    renders_share: Annotated[StrictFloat, Field(ge=0, lt=1)] = 0.0
 
     @model_validator(mode="after")
     def _seed_cnn_layer_for_layer(self) -> TrainParams:
@@ -221,6 +224,36 @@ class TrainParams:
             )
         if self.model == "seed" and self.dropout:
             raise _params_error("dropout", "needs model: improved (the seed CNN has no Dropout)")
+        return self
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class RenderParams:
+    """params.yaml ``render``: synthetic photos of MNIST training digits (tasks/render.py)."""
+
+    count: Annotated[StrictInt, Field(ge=1, le=MAX_RENDERS)] = 4000
+    seed: Seed = 42
+    lined: Share = 0.35
+    squared: Share = 0.15
+    line_spacing_min: Annotated[StrictFloat, Field(gt=0, le=2)] = 0.25
+    line_spacing_max: Annotated[StrictFloat, Field(gt=0, le=2)] = 0.6
+    crossing_line: Share = 0.1
+    edge_marks: Share = 0.15
+    shadow: Share = 0.3
+    dark: Share = 0.1
+    faint_min: Annotated[StrictFloat, Field(gt=0, le=1)] = 0.35
+    noise_max: Annotated[StrictFloat, Field(ge=0, le=64)] = 8.0
+    blur_max: Annotated[StrictFloat, Field(ge=0, le=8)] = 2.0
+    rotate_deg: Annotated[StrictFloat, Field(ge=0, le=45)] = 8.0
+    perspective: Annotated[StrictFloat, Field(ge=0, le=0.25)] = 0.06
+    jpeg_min_quality: Annotated[StrictInt, Field(ge=1, le=95)] = 30
+
+    @model_validator(mode="after")
+    def _ranges(self) -> RenderParams:
+        if self.lined + self.squared > 1:
+            raise _params_error("squared", "lined + squared is a share of the renders: <= 1")
+        if self.line_spacing_min > self.line_spacing_max:
+            raise _params_error("line_spacing_min", "must be <= line_spacing_max")
         return self
 
 
@@ -250,6 +283,8 @@ class PredictParams:
     workers: Annotated[StrictInt, Field(ge=1, le=MAX_WORKERS)] = 2
     preprocess: StrictBool = True
     chunk_size: Annotated[StrictInt, Field(ge=1)] = 1000
+    # a softmax confidence: 0 flags no ok row, 1 (or more than any confidence) flags all
+    review_below: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.9
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -294,6 +329,7 @@ class Params:
     )
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     report: ReportParams = field(default_factory=ReportParams)
+    render: RenderParams = field(default_factory=RenderParams)
     predict: PredictParams = field(default_factory=PredictParams)
     pipeline: PipelineParams = field(default_factory=PipelineParams)
     retrain: RetrainParams = field(default_factory=RetrainParams)

@@ -52,6 +52,9 @@ if TYPE_CHECKING:
 FORMATS = ("csv", "jsonl")
 N_CLASSES = 10
 PROB_DECIMALS = 6  # probabilities in the output: enough to rank, short enough to diff
+# Rows whose confidence is below this are flagged for review (params.yaml predict.review_below
+# documents the value; tasks/config.py PredictParams holds the same default).
+DEFAULT_REVIEW_BELOW = 0.9
 
 # bytes read to tell an image from another file in a folder walk: every header read_header
 # knows fits (a TIFF whose directory lies further on, named without .tif, counts as other)
@@ -81,6 +84,7 @@ class Row:
     label: str | None = None  # class name of the most probable class, when ok
     confidence: float | None = None  # its softmax probability
     probs: list[float] | None = None  # (10,) softmax probabilities, when ok
+    review: bool = False  # a person should check it (needs_review); set when written
 
 
 @dataclass
@@ -93,6 +97,7 @@ class PredictSummary:
     empty: int = 0
     error: int = 0
     skipped: int = 0  # files of the folder walks that are not images: no row
+    review: int = 0  # rows flagged for review (needs_review), of any status
     seconds: float = 0.0
     first_problems: list[Row] = field(default_factory=list)  # the first non-ok rows, for the log
 
@@ -103,6 +108,7 @@ class PredictSummary:
     def count(self, row: Row) -> None:
         self.total += 1
         setattr(self, row.status, getattr(self, row.status) + 1)
+        self.review += row.review
         if row.status != "ok" and len(self.first_problems) < PROBLEMS_KEPT:
             self.first_problems.append(row)
 
@@ -383,14 +389,23 @@ def iter_predictions(
 # --------------------------------------------------------------------------- output
 
 
+def needs_review(row: Row, review_below: float) -> bool:
+    """True where the row is not to be trusted: no prediction, or confidence < review_below.
+
+    A plain threshold on the softmax confidence (params.yaml predict.review_below); an
+    empty or unreadable file has no prediction to trust, so it is flagged too.
+    """
+    return row.status != "ok" or row.confidence is None or row.confidence < review_below
+
+
 def _label_json(label: str | None) -> int | str | None:
     return int(label) if label is not None and label.isdigit() else label
 
 
 def columns(n_classes: int = N_CLASSES) -> list[str]:
-    """The output schema: path, label, confidence, p0..p{n-1}, status, message."""
+    """The output schema: path, label, confidence, p0..p{n-1}, status, message, review."""
     probs = [f"p{i}" for i in range(n_classes)]
-    return ["path", "label", "confidence", *probs, "status", "message"]
+    return ["path", "label", "confidence", *probs, "status", "message", "review"]
 
 
 class RowWriter:
@@ -416,7 +431,8 @@ class RowWriter:
         if self._csv is not None:
             probs = [f"{p:.{PROB_DECIMALS}f}" for p in row.probs] if ok else [""] * self.n_classes
             conf_s = f"{conf:.{PROB_DECIMALS}f}" if conf is not None else ""
-            fields = [row.path, row.label or "", conf_s, *probs, row.status, row.message]
+            review = "true" if row.review else "false"
+            fields = [row.path, row.label or "", conf_s, *probs, row.status, row.message, review]
             quoted = any("\r" in f for f in (row.path, row.label or "", row.message))
             (self._csv_quoted if quoted else self._csv).writerow(fields)
         else:
@@ -424,7 +440,7 @@ class RowWriter:
                 "path": row.path, "label": _label_json(row.label), "confidence": conf,
             }  # fmt: skip
             record.update({f"p{i}": (row.probs[i] if ok else None) for i in range(self.n_classes)})
-            record.update(status=row.status, message=row.message)
+            record.update(status=row.status, message=row.message, review=row.review)
             line = json.dumps(record, ensure_ascii=False).translate(JSON_LINE_BREAKS)
             self.fh.write(line + "\n")
 
@@ -529,12 +545,13 @@ def write_predictions(
     total: int,
     progress: bool | None = None,
     desc: str = "predict",
+    review_below: float = DEFAULT_REVIEW_BELOW,
 ) -> PredictSummary:
     """Write ``rows`` (``total`` of them, in order) to ``out_path`` atomically; count them.
 
     The last step of `digitflow predict` and of the batch_predict flow: the same
     bytes whoever computed the rows. ``progress``: a bar over the rows (None: on a
-    terminal).
+    terminal). Each row's ``review`` flag is set here (needs_review, ``review_below``).
     """
     summary = PredictSummary(out_path=Path(out_path))
     with (
@@ -542,6 +559,7 @@ def write_predictions(
         open_output(Path(out_path), fmt, n_classes) as writer,
     ):
         for row in rows:
+            row.review = needs_review(row, review_below)
             writer.write(row)
             summary.count(row)
             bar.update(1)
@@ -558,6 +576,7 @@ def predict_paths(
     preprocess: bool = True,
     debug_dir: Path | None = None,
     progress: bool | None = None,
+    review_below: float = DEFAULT_REVIEW_BELOW,
 ) -> PredictSummary:
     """Classify every image under ``inputs`` into ``out_path`` (CSV or JSONL), atomically.
 
@@ -583,8 +602,9 @@ def predict_paths(
                 paths, classifier, batch_size, workers, preprocess, debug, stream=stream
             )
             summary = write_predictions(
-                rows, out_path, fmt, len(classifier.classes), len(paths), progress, "predict"
-            )
+                rows, out_path, fmt, len(classifier.classes), len(paths), progress, "predict",
+                review_below,
+            )  # fmt: skip
     finally:
         if stream is not None:
             stream.close()

@@ -80,6 +80,9 @@ LINE_CELL_INK = 2  # ink pixels (of 16) that make a cell ink at the line-search 
 # line ink with stroke ink within LINE_BRIDGE px on both sides of the line is the stroke's:
 # a line's zone is at most 4 cells (16 px) high
 LINE_BRIDGE = 16
+# A thick run is a stroke when its ink runs this far across it at full size: twice a
+# cell, more than a ruled line's width after the decode's downscale and blur (1-3 px)
+STACK_SOLID_PX = 8
 LINE_SCALE = 4  # line search runs on a 1/4 size mask: 16x fewer pixels, 4x shorter kernels
 # A long straight run is only removed as a ruled line when it runs on past the digit (the
 # ink without any such runs) on both ends by LINE_OVERHANG of the digit's extent along it
@@ -152,6 +155,9 @@ class Steps:
     lines: str = LINES_BEYOND  # LINES_BEYOND | LINES_ANY | LINES_OFF
     stroke_width: bool = True  # dilate / erode strokes to MNIST's width
     colour: bool = True  # pick the channel that shows the ink best (False: gray)
+    # a run thicker than a line at the search scale is a stroke only if solid at full size
+    # (False: any such run is a stroke, so stacked dense ruled lines were kept as ink)
+    stacked_lines: bool = True
 
     def __post_init__(self) -> None:
         if self.lines not in (LINES_BEYOND, LINES_ANY, LINES_OFF):
@@ -432,12 +438,15 @@ class _Runs:
     thin: np.ndarray  # (sh, sw) uint8 0/1: those of them no thicker than a line
 
 
-def _line_runs(faint: np.ndarray) -> list[_Runs]:
+def _line_runs(faint: np.ndarray, stacked: bool = True) -> list[_Runs]:
     """Candidate ruled lines / frame edges in a bool ink mask (H, W): long thin straight runs.
 
     Found at 1/4 scale: openings with line kernels half the image long (a few
     tilts) keep only straight runs that long; where such a run is thicker than a
-    line, it is a stroke of a big digit (a "1") and is not a candidate.
+    line, it is a stroke of a big digit (a "1") and is not a candidate. ``stacked``:
+    only where it is solid ink that thick at full size too; dense ruled lines (a
+    third of a small digit apart) merge into thick runs at 1/4 scale, yet at full
+    size each is thin, with paper between them.
     """
     h, w = faint.shape
     if min(h, w) < LINE_MIN_IMAGE:
@@ -461,10 +470,25 @@ def _line_runs(faint: np.ndarray) -> list[_Runs]:
             runs |= _open(small, k)
         # runs thicker than a line (across it) are strokes of a big digit, e.g. a "1"
         thick = _open(runs, np.ones(across_cells, np.uint8))
+        if stacked and thick.any():
+            thick &= _solid_cells(faint, vertical, (sh, sw))
         thin = runs & ~thick
         if thin.any():
             found.append(_Runs(vertical, runs, thin))
     return found
+
+
+def _solid_cells(faint: np.ndarray, vertical: bool, cells: tuple[int, int]) -> np.ndarray:
+    """(sh, sw) uint8 0/1: cells holding ink that runs across a line's direction further
+    than STACK_SOLID_PX at full size (a stroke), not just a thin line's width."""
+    across = (1, STACK_SOLID_PX) if vertical else (STACK_SOLID_PX, 1)
+    solid = _open(faint.view(np.uint8), np.ones(across, np.uint8))
+    sh, sw = cells
+    share = cv2.resize(
+        solid[: sh * LINE_SCALE, : sw * LINE_SCALE] * np.uint8(255), (sw, sh),
+        interpolation=cv2.INTER_AREA,
+    )  # fmt: skip
+    return (share > 0).view(np.uint8)
 
 
 def _runs_beyond_digit(found: list[_Runs], rest: np.ndarray) -> list[_Runs]:
@@ -704,7 +728,7 @@ def _digit_image(ink: np.ndarray, steps: Steps) -> np.ndarray | None:
     # faint ink or lines: half the floor (the former FAINT_INK is half of MIN_CONTRAST),
     # and clear of the noise, or the line search would find runs in it
     faint = ink >= max(1, math.ceil(floor / 2), math.ceil(FAINT_SIGMAS * noise))
-    runs = _line_runs(faint) if steps.lines != LINES_OFF else []
+    runs = _line_runs(faint, steps.stacked_lines) if steps.lines != LINES_OFF else []
     bridge = steps.lines == LINES_BEYOND
     lines = _line_pixels(faint, runs, bridge) if runs else None
     hist = _histogram(ink, None if lines is None else ~lines)  # lines must not sway Otsu

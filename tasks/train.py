@@ -118,10 +118,26 @@ def _set_aside(path: Path, why: object) -> None:
     log.warning("%s is damaged: %s; moved it to %s, training from the start", path, why, aside)
 
 
-def _fingerprint(params: TrainParams, train_path: Path, val_path: Path) -> str:
+def mix_renders(
+    images: np.ndarray, labels: np.ndarray, renders_path: Path, share: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The training split with rendered photos appended: ``share`` of the result is renders.
+
+    As many as the share asks for (n * share / (1 - share)), at most all of the file's;
+    the render stage drew them at random, so its first ones are a random subset.
+    """
+    rx, ry = load_arrays(renders_path)
+    n = min(len(rx), round(len(images) * share / (1 - share)))
+    if n < round(len(images) * share / (1 - share)):
+        log.info("renders_share %.3g asks for more renders than %s holds: all %d used",
+                 share, renders_path, len(rx))  # fmt: skip
+    return np.concatenate([images, rx[:n]]), np.concatenate([labels, ry[:n]])
+
+
+def _fingerprint(params: TrainParams, *data_paths: Path) -> str:
     """Identity of a training run: params + data content. A checkpoint resumes only its own run."""
     h = hashlib.sha256(repr(sorted(to_dict(params).items())).encode())
-    for p in (train_path, val_path):
+    for p in data_paths:
         h.update(hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()
 
@@ -348,8 +364,12 @@ def train(
     checkpoint_path: Path,
     params: TrainParams,
     progress: bool | None = None,
+    renders_path: Path | None = None,
 ) -> TrainResult:
     """Train ``params.model`` and write the self-describing model file.
+
+    With ``params.renders_share`` > 0, the synthetic photos of ``renders_path`` (the
+    render stage's 28x28 network inputs) join the training split (mix_renders).
 
     After each epoch a resume checkpoint is written to ``checkpoint_path``; a
     rerun of the same run (same params and data) continues from it, and it is
@@ -362,13 +382,19 @@ def train(
     mean, std = params.normalize.mean, params.normalize.std
     seed_everything(params.seed)
     train_x, train_y = load_arrays(train_path)
+    data_paths = [train_path, val_path]
+    if params.renders_share > 0:
+        if renders_path is None:
+            raise ValueError("train.renders_share > 0 needs the renders file (--renders)")
+        train_x, train_y = mix_renders(train_x, train_y, renders_path, params.renders_share)
+        data_paths.append(renders_path)
     val_x, val_y = load_arrays(val_path)
     # (N, 28, 28) uint8 on the device: 33 MB for MNIST, cheap to keep resident
     xs, ys = torch.from_numpy(train_x).to(device), torch.from_numpy(train_y).to(device)
     vx, vy = torch.from_numpy(val_x).to(device), torch.from_numpy(val_y).to(device)
 
     model, step_model, optimizer, scheduler = build_training(params, device, len(xs))
-    fingerprint = _fingerprint(params, train_path, val_path)
+    fingerprint = _fingerprint(params, *data_paths)
     history: list[dict[str, float]] = []
     start = 0
     # train.keep = best: the weights of the epoch with the highest validation accuracy so far

@@ -107,3 +107,46 @@ def png_header_only(width: int, height: int, depth: int = 8, colour: int = 0) ->
     chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr
     chunk += struct.pack(">I", zlib.crc32(b"IHDR" + ihdr) & 0xFFFFFFFF)
     return b"\x89PNG\r\n\x1a\n" + chunk
+
+
+def thin_glyph(digit: int, thickness: int = 4) -> np.ndarray:
+    """Ink coverage in 0..1 of a digit written with a thin pen, cropped to its ink."""
+    canvas = np.zeros((BIG, BIG), np.uint8)
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, 5.0
+    (w, h), _ = cv2.getTextSize(str(digit), font, scale, thickness)
+    cv2.putText(canvas, str(digit), ((BIG - w) // 2, (BIG + h) // 2), font, scale, 255,
+                thickness, cv2.LINE_AA)  # fmt: skip
+    rows, cols = np.flatnonzero(canvas.max(1) > 12), np.flatnonzero(canvas.max(0) > 12)
+    return canvas[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].astype(np.float32) / 255
+
+
+def notebook_photo(
+    glyph: np.ndarray,
+    rng: np.random.Generator,
+    size: tuple[int, int] = (1562, 2048),
+    digit_height: int = 200,
+    spacing: float = 1 / 3,
+    line_grey: float = 170.0,
+    ink: tuple[int, int, int] = (150, 70, 30),
+) -> np.ndarray:
+    """A phone photo (BGR) of a thin-pen digit on ruled notebook paper (issue 16, item 1).
+
+    Grey ruled lines ``spacing`` of the digit's height apart run across the whole page,
+    fainter than the ink (blue ballpoint by default), slightly tilted; uneven light.
+    """
+    h, w = size
+    k = digit_height / glyph.shape[0]
+    g = cv2.resize(glyph, (round(glyph.shape[1] * k), digit_height), interpolation=cv2.INTER_AREA)
+    cover = np.zeros((h, w), np.float32)
+    y0, x0 = int(rng.integers(h // 4, h // 2)), int(rng.integers(w // 4, w // 2))
+    cover[y0 : y0 + g.shape[0], x0 : x0 + g.shape[1]] = g
+    lines = np.zeros((h, w), np.float32)
+    step = max(2, round(digit_height * spacing))
+    for y in range(int(rng.integers(0, step)), h, step):
+        cv2.line(lines, (0, y), (w - 1, y + int(rng.integers(-8, 9))), 1.0, 3, cv2.LINE_AA)
+    xx = np.arange(w, dtype=np.float32)[None, :, None]
+    paper = np.full((h, w, 3), (225, 228, 230), np.float32) * (1 - 0.12 * xx / w)
+    paper = paper * (1 - lines[..., None]) + line_grey * lines[..., None]
+    img = paper * (1 - cover[..., None]) + np.float32(ink) * cover[..., None]
+    img += rng.normal(0, 3, (h, w, 1)).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)

@@ -193,8 +193,10 @@ def test_dvc_yaml_commands_spell_the_stage_paths_of_flows_paths() -> None:
     expected = {
         "download": {"--out": paths.RAW_DIR},
         "split": {"--raw": paths.RAW_DIR, "--out": paths.PREPARED_DIR},
+        "render": {"--data": paths.PREPARED_DIR, "--out": paths.RENDERS},
         "train": {
             "--data": paths.PREPARED_DIR,
+            "--renders": paths.RENDERS,
             "--model": paths.MODEL_FILE.format(**key),
             "--live-dir": paths.TRAIN_DIR.format(**key),
             "--checkpoint": paths.CHECKPOINT_FILE.format(**key),

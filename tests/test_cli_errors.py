@@ -26,6 +26,7 @@ PANELS = {
         "check-params",
         "download",
         "split",
+        "render",
         "labeled",
         "train",
         "evaluate",
@@ -62,6 +63,9 @@ def _args(command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list
         return ["download", "--out", str(tmp_path / "raw"), "--params", str(params)]
     if command == "split":  # FileNotFoundError: no raw files
         return ["split", "--raw", str(nowhere), "--out", str(tmp_path / "prep"),
+                "--params", str(ROOT / "params.yaml")]  # fmt: skip
+    if command == "render":  # FileNotFoundError: no training split
+        return ["render", "--data", str(nowhere), "--out", str(tmp_path / "r.npz"),
                 "--params", str(ROOT / "params.yaml")]  # fmt: skip
     if command == "train":  # ParamsError
         return ["train", "--data", str(tmp_path), "--model", str(tmp_path / "m.pt"),

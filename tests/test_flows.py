@@ -42,7 +42,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 # train, evaluate and report run once per pipeline model (params.yaml `models`, dvc.yaml foreach).
 MODELS = ["seed", "robust"]
 STAGES = [
-    "params", "download", "split", "labeled-inbox", "labeled",
+    "params", "download", "split", "render", "labeled-inbox", "labeled",
     *(f"{stage}@{m}" for stage in ("train", "evaluate", "report") for m in MODELS),
 ]  # fmt: skip
 SERVED = "robust"  # params.yaml predict.model: the model the flows publish and judge
@@ -61,6 +61,7 @@ TINY_TRAIN = {
 # (deep copies: one shared dict would be dumped as a YAML alias, and an override of one
 # recipe would then change both)
 TINY_RECIPES = {m: copy.deepcopy(TINY_TRAIN) for m in MODELS}
+TINY_RENDERS = 20  # synthetic photos of the render stage: a second, not a minute
 POLL_S = 0.5  # how often to poll the Prefect API for asynchronously written records
 
 
@@ -98,6 +99,7 @@ def make_repo(where: Path) -> Path:
         train=TINY_RECIPES,
         evaluate={"batch_size": 200},
         report={"n_misclassified": 4},
+        render={"count": TINY_RENDERS},
         pipeline={"download_retries": 2, "retry_delay_s": 0.1},
     )
     _run(where, "git", "init", "-q", "-b", "main")
@@ -416,18 +418,18 @@ def test_pipeline_runs_stages_in_order_resumes_after_a_failure_and_skips_when_up
     failed = training_pipeline(root=str(repo), return_state=True)
     assert failed.is_failed() and "stage 'train@seed' failed" in failed.message
     runs = _task_runs(failed.state_details.flow_run_id)
-    assert [r.name for r in runs] == [*STAGES[:5], "train@seed"]
-    assert [r.state.type.value for r in runs] == ["COMPLETED"] * 5 + ["FAILED"]
+    assert [r.name for r in runs] == [*STAGES[:6], "train@seed"]
+    assert [r.state.type.value for r in runs] == ["COMPLETED"] * 6 + ["FAILED"]
 
-    # 2. fixed: the rerun resumes at train (DVC skips download and split)
+    # 2. fixed: the rerun resumes at train (DVC skips download, split and render)
     _edit_params(repo, train=TINY_RECIPES)
     state = training_pipeline(root=str(repo), return_state=True)
     assert state.is_completed(), state.message
     statuses = {r["stage"]: r["status"] for r in state.result()}
     assert {k: statuses[k] for k in STAGES} == {
         # the edited params.yaml is checked again; the data stages are up to date
-        "params": "ran", **dict.fromkeys(STAGES[1:5], "skipped"),
-        **dict.fromkeys(STAGES[5:], "ran"),
+        "params": "ran", **dict.fromkeys(STAGES[1:6], "skipped"),
+        **dict.fromkeys(STAGES[6:], "ran"),
     }  # fmt: skip
     flow_run_id = state.state_details.flow_run_id
     assert [r.name for r in _task_runs(flow_run_id)][: len(STAGES)] == STAGES  # dependency order

@@ -34,6 +34,7 @@ def make_repo(dest: Path, tiny_mnist: Path, train_overrides: dict | None = None)
     for recipe in params["train"].values():  # every recipe, shrunk to one quick epoch
         recipe.update({"epochs": 1, "batch_size": 32, "amp": False, **(train_overrides or {})})
     params["evaluate"]["batch_size"] = 100
+    params["render"]["count"] = 20  # synthetic photos: a second, not a minute
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {
         **os.environ,

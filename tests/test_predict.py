@@ -84,6 +84,7 @@ def test_csv_schema_and_probabilities(good_folder: Path, model_file: Path, tmp_p
         header = fh.readline().strip().split(",")
     assert header == columns() == [
         "path", "label", "confidence", *(f"p{i}" for i in range(10)), "status", "message",
+        "review",
     ]  # fmt: skip
     rows = read_csv(out)
     assert [r["path"] for r in rows] == sorted(r["path"] for r in rows)
@@ -94,6 +95,8 @@ def test_csv_schema_and_probabilities(good_folder: Path, model_file: Path, tmp_p
         assert r["label"] == str(int(np.argmax(probs)))
         assert float(r["confidence"]) == pytest.approx(max(probs), abs=1e-6)
         assert (r["status"], r["message"]) == ("ok", "")
+        # an untrained model is never 90 % sure: every row is flagged by the default
+        assert r["review"] == "true"
 
 
 def test_probabilities_match_the_plain_model(model_file: Path, tmp_path: Path) -> None:
@@ -119,6 +122,36 @@ def test_jsonl_output(good_folder: Path, model_file: Path, tmp_path: Path) -> No
     assert all(abs(sum(r[f"p{i}"] for i in range(10)) - 1) < 1e-4 for r in ok)
     (bad,) = [r for r in records if r["status"] != "ok"]
     assert bad["label"] is None and bad["p0"] is None and "not an image" in bad["message"]
+    assert all(r["review"] is True for r in records)  # JSON booleans; no prediction: review
+
+
+def test_review_flag_follows_the_threshold(
+    good_folder: Path, model_file: Path, tmp_path: Path
+) -> None:
+    """review is true below --review-below (and for rows without a prediction), and counted."""
+    (good_folder / "broken.png").write_bytes(b"junk")
+    out = tmp_path / "pred.csv"
+    confs = None
+    for threshold, expected_ok_flags in (("0", 0), ("1", 3)):
+        result = cli(good_folder, "--model", model_file, "--out", out, "--no-progress",
+                     "--review-below", threshold, "--allow-failures")  # fmt: skip
+        assert result.exit_code == 0, result.output
+        rows = read_csv(out)
+        assert list(rows[0])[-1] == "review"
+        ok = [r for r in rows if r["status"] == "ok"]
+        assert sum(r["review"] == "true" for r in ok) == expected_ok_flags
+        assert [r["review"] for r in rows if r["status"] != "ok"] == ["true"]
+        assert f"{expected_ok_flags + 1} to review" in result.output
+        confs = sorted(float(r["confidence"]) for r in ok)
+    # a threshold between two confidences splits the rows there
+    assert confs is not None and confs[0] < confs[-1]
+    middle = (confs[0] + confs[-1]) / 2
+    summary = predict_paths([good_folder], model_file, out, progress=False, review_below=middle)
+    flagged = sorted(
+        float(r["confidence"]) for r in read_csv(out) if r["review"] == "true" and r["confidence"]
+    )
+    assert flagged == [c for c in confs if c < middle]
+    assert summary.review == len(flagged) + 1
 
 
 # --------------------------------------------------------------------------- bad inputs
@@ -269,7 +302,8 @@ def test_predict_on_a_folder_with_other_files_exits_0_and_says_what_it_skipped(
     (folder / "README.md").write_text("# my digits\n")
     result = cli(folder, "--model", model_file, "--out", tmp_path / "o.csv")
     assert result.exit_code == 0, result.output
-    assert "1 files: 1 ok, 0 empty, 0 error; 1 non-image files skipped" in result.stderr
+    assert "1 ok, 0 empty, 0 error" in result.stderr
+    assert "; 1 non-image files skipped ->" in result.stderr
 
 
 def test_glob_matching_nothing_is_an_error_row(model_file: Path, tmp_path: Path) -> None:

@@ -39,9 +39,11 @@ from tests.images import (
     big_glyph,
     hdr_bytes,
     mnist_reference,
+    notebook_photo,
     photo,
     png_bytes,
     png_header_only,
+    thin_glyph,
 )
 
 
@@ -107,6 +109,38 @@ def test_photo_like_digits_are_recovered(variant: str) -> None:
         assert MNIST_BOX - 1 <= ink_box_side(out, level=32) <= MNIST_BOX + 1
         cy, cx = center_of_mass(out)
         assert abs(cy - 14) <= 1.0 and abs(cx - 14) <= 1.0
+
+
+@pytest.mark.parametrize("line_grey", [170.0, 150.0, 130.0, 110.0])
+def test_thin_pen_digit_on_lined_notebook_paper_is_found(line_grey: float, tmp_path: Path) -> None:
+    """Issue 16, item 1: a phone photo (2048x1562 JPEG) of a thin blue-pen digit between grey
+    ruled lines a third of its height apart, running across the page. The 28x28 input must
+    be the digit, not one ruled line (a bar) or a block of lines."""
+    rng = np.random.default_rng(16)
+    for digit in range(10):
+        glyph = thin_glyph(digit)
+        path = tmp_path / f"{digit}.jpg"
+        _, buf = cv2.imencode(".jpg", notebook_photo(glyph, rng, line_grey=line_grey))
+        path.write_bytes(buf.tobytes())
+        out = prepare_file(path).image
+        assert out is not None, f"{digit}: no ink found"
+        assert iou(out, mnist_reference(glyph), level=64) > 0.4, digit
+        rows = np.flatnonzero(out.max(1) >= 64)
+        assert rows[-1] - rows[0] + 1 >= MNIST_BOX - 2, f"{digit}: not the digit's height"
+
+
+def test_dense_dark_ruled_lines_need_the_stacked_line_rule(tmp_path: Path) -> None:
+    """Lines a third of a small digit apart merge into thick runs at the line search's 1/4
+    scale: without checking them at full size (Steps(stacked_lines=False)) they stay ink."""
+    rng = np.random.default_rng(16)
+    glyph = thin_glyph(7)
+    path = tmp_path / "7.jpg"
+    path.write_bytes(cv2.imencode(".jpg", notebook_photo(glyph, rng, line_grey=110.0))[1].tobytes())
+    src = load_image(path)
+    ref = mnist_reference(glyph)
+    assert iou(to_mnist(src), ref, level=64) > 0.4
+    former = to_mnist(src, steps=Steps(stacked_lines=False))
+    assert former is None or iou(former, ref, level=64) < 0.4
 
 
 def test_naive_resize_loses_the_digit() -> None:

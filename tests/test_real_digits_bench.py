@@ -47,9 +47,9 @@ def make_folder(root: Path) -> Path:
     (folder / "README.md").write_text("not an image, not labelled: left out\n")
     with (folder / real_digits.SOURCES).open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["file", "label", "repo", "path_in_repo", "commit", "kind"])
-        for file, label, kind in sources:
-            w.writerow([file, label, "someone/repo", file, "0" * 40, kind])
+        w.writerow(["file", "label", "repo", "path_in_repo", "commit", "kind", "round"])
+        for i, (file, label, kind) in enumerate(sources):
+            w.writerow([file, label, "someone/repo", file, "0" * 40, kind, 1 + i % 2])
     return folder
 
 
@@ -62,11 +62,13 @@ def test_kind_groups() -> None:
 
 
 def test_dev_set_groups_match_its_readme() -> None:
-    """The README's four broad groups: 123 photos/scans, 64 drawings, 49 small, 12 downscaled."""
+    """The README's four broad groups of round 1: 123 photos/scans, 64 drawings, 49 small,
+    12 downscaled."""
     kinds = real_digits.read_sources(real_digits.DEFAULT_FOLDER)
-    if kinds is None:
-        pytest.skip(f"no {real_digits.DEFAULT_FOLDER}")
-    counts = Counter(real_digits.kind_group(k) for k in kinds.values())
+    rounds = real_digits.read_rounds(real_digits.DEFAULT_FOLDER)
+    if kinds is None or rounds is None:
+        pytest.skip(f"no {real_digits.DEFAULT_FOLDER} with rounds")
+    counts = Counter(real_digits.kind_group(k) for f, k in kinds.items() if rounds[f] == "1")
     expected = {
         real_digits.PHOTO: 123,
         real_digits.CANVAS: 64,
@@ -108,6 +110,20 @@ def test_benchmark_on_tiny_folder(
     assert BROKEN in [x["file"] for x in res["misses"]]
     assert sum(g["n"] for g in res["per_group"].values()) == n_files
     assert res["naive_resize"]["overall"]["n"] == n_files
+    # per round: ours, the baseline and the gain; the review flag's recall and false-flag rate
+    by_round = res["per_round"]
+    assert list(by_round) == ["1", "2", "all"]
+    assert by_round["1"]["ours"]["n"] + by_round["2"]["ours"]["n"] == n_files
+    for r in by_round.values():
+        assert r["gain"] == pytest.approx(r["ours"]["accuracy"] - r["baseline"]["accuracy"])
+    everything = by_round["all"]
+    assert everything["ours"] == res["overall"]
+    assert everything["baseline"]["correct"] == sum(r["baseline_correct"] for r in rows)
+    review = everything["review"]
+    assert review["misses"] == len(res["misses"])
+    assert review["flagged_misses"] == sum(x["review"] for x in res["misses"])
+    assert next(x for x in res["misses"] if x["file"] == BROKEN)["review"]  # no prediction
+    assert "| all | " in "\n".join(lines)
     # every miss that had a network input (status ok) was saved, named truth_as_prediction
     saved = sorted(p.name for p in misses.iterdir())
     wanted = sorted(

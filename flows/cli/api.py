@@ -72,6 +72,7 @@ def api(
     settings = ApiSettings(
         model=str(path),
         preprocess=p.preprocess,
+        review_below=p.review_below,
         max_body_bytes=int(max_body_mb * 2**20),
         max_files=max_files,
         time_limit_s=time_limit,

@@ -83,6 +83,16 @@ ParamsOpt = Annotated[
         show_default=False,
     ),
 ]
+ReviewOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--review-below",
+        min=0.0,
+        max=1.0,
+        help="flag rows whose confidence is below this for review (default: params)",
+        show_default=False,
+    ),
+]
 AllowOpt = Annotated[
     bool,
     typer.Option("--allow-failures", help="exit 0 even if some files are empty or unreadable"),
@@ -126,10 +136,11 @@ def _format_for(out: Path, fmt: OutputFormat | None) -> str:
 def _report(summary: PredictSummary, allow_failures: bool) -> None:
     """Summary line (and the first problems) on stderr; exit 1 if any row is not ok."""
     rate = summary.total / summary.seconds if summary.seconds > 0 else 0.0
+    counts = f"{summary.ok} ok, {summary.empty} empty, {summary.error} error"
     skipped = f"; {summary.skipped} non-image files skipped" if summary.skipped else ""
     typer.echo(
-        f"{summary.total} files: {summary.ok} ok, {summary.empty} empty, {summary.error} error"
-        f"{skipped} -> {summary.out_path} ({summary.seconds:.1f} s, {rate:.0f} files/s)",
+        f"{summary.total} files: {counts}, {summary.review} to review{skipped} -> "
+        f"{summary.out_path} ({summary.seconds:.1f} s, {rate:.0f} files/s)",
         err=True,
     )
     for row in summary.first_problems[:MAX_PROBLEMS_SHOWN]:
@@ -151,13 +162,15 @@ def predict(
     debug_dir: DebugOpt = None,
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
+    review_below: ReviewOpt = None,
     params: ParamsOpt = None,
     allow_failures: AllowOpt = False,
     progress: ProgressOpt = None,
 ) -> None:
     """Classify images (files, folders, globs): one row per file, sorted by path.
 
-    Columns: path, label, confidence, p0..p9, status (ok/empty/error), message.
+    Columns: path, label, confidence, p0..p9, status (ok/empty/error), message, review
+    (true where a person should check the row: low confidence, empty or unreadable).
     """
     from tasks.predict import predict_paths
 
@@ -173,6 +186,7 @@ def predict(
             preprocess=p.preprocess if preprocess is None else preprocess,
             debug_dir=debug_dir,
             progress=progress,
+            review_below=p.review_below if review_below is None else review_below,
         )
     _report(summary, allow_failures)
 
@@ -200,6 +214,7 @@ def batch_predict(
             "workers see the same paths (default: local threads)",
         ),
     ] = None,
+    review_below: ReviewOpt = None,
     params: ParamsOpt = None,
     allow_failures: AllowOpt = False,
     progress: ProgressOpt = None,
@@ -227,5 +242,6 @@ def batch_predict(
             debug_dir=debug_dir,
             dask_address=dask_address,
             progress=progress,
+            review_below=p.review_below if review_below is None else review_below,
         )
     _report(summary, allow_failures)

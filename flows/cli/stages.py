@@ -25,6 +25,7 @@ from flows.paths import (
     PARAMS_STAMP,
     PREPARED_DIR,
     RAW_DIR,
+    RENDERS,
     REPORT_DIR,
     TEST_SET,
     TRAIN_DIR,
@@ -145,6 +146,25 @@ def labeled(
 
 @app.command(rich_help_panel=PANEL, cls=Command)
 @expected_errors
+def render(
+    data: Annotated[Path, typer.Option(help="folder with train.npz")] = Path(PREPARED_DIR),
+    out: Annotated[Path, typer.Option(help=".npz of the rendered 28x28 inputs")] = Path(RENDERS),
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Render synthetic photos of training digits, read back as `predict` reads photos."""
+    from tasks.config import load_params
+    from tasks.render import render_dataset
+
+    p = load_params(params).render
+    result = render_dataset(data / "train.npz", out, p)
+    typer.echo(
+        f"wrote {result.path}: {result.n} of {p.count} renders "
+        f"(left out: {result.empty} found empty, {result.lost} with the digit lost)"
+    )
+
+
+@app.command(rich_help_panel=PANEL, cls=Command)
+@expected_errors
 def train(
     data: Annotated[Path, typer.Option(help="folder with train.npz and val.npz")] = Path(
         PREPARED_DIR
@@ -156,6 +176,10 @@ def train(
     checkpoint: Annotated[
         Path, typer.Option(help="resume checkpoint (removed when done)")
     ] = DEFAULT_CHECKPOINT,
+    renders: Annotated[
+        Path,
+        typer.Option(help="the render stage's .npz (read when train.<recipe>.renders_share > 0)"),
+    ] = Path(RENDERS),
     recipe: RecipeOpt = DEFAULT_RECIPE,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
@@ -170,7 +194,10 @@ def train(
     keep_freed_memory()  # before any tensor: each step reuses its memory (tasks/malloc.py)
 
     p = load_params(params).recipe(recipe)
-    result = train_step(data / "train.npz", data / "val.npz", model, live_dir, checkpoint, p)
+    result = train_step(
+        data / "train.npz", data / "val.npz", model, live_dir, checkpoint, p,
+        renders_path=renders,
+    )  # fmt: skip
     kept = result.kept  # the epoch whose weights the model file holds (train.keep)
     typer.echo(
         f"wrote {model}: epoch {int(kept['epoch'])} of {len(result.history)}, "
