@@ -68,6 +68,7 @@ MAX_SECONDS = 3600.0
 # The widest network (train.*.width) a recipe may ask for: 16x the default width, 256x its
 # multiply-adds (~2 G an image). tasks/model.py sizes its model-file bound from it.
 MAX_WIDTH = 512
+MAX_LABELED_WEIGHT = 1000  # repeats of one labelled image: more only multiplies memory
 MAX_RENDERS = 1_000_000  # synthetic photos: ~2 ms each to make, so a million is half an hour
 MAX_WORKERS = 256  # decoding processes: beyond any machine's cores they only add memory
 MAX_GRID = 1000  # misclassified digits in a 9-wide grid: 112 rows, a figure ~150 inches tall
@@ -214,6 +215,8 @@ class TrainParams:
     amp: StrictBool = False
     # the rendered photos' share of the training set (tasks/render.py); below 1: MNIST stays
     renders_share: Annotated[StrictFloat, Field(ge=0, lt=1)] = 0.0
+    # each labelled training image of your own (the labeled stage) this many times; 0: none
+    labeled_weight: Annotated[StrictInt, Field(ge=0, le=MAX_LABELED_WEIGHT)] = 0
 
     @model_validator(mode="after")
     def _seed_cnn_layer_for_layer(self) -> TrainParams:

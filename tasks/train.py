@@ -134,6 +134,24 @@ def mix_renders(
     return np.concatenate([images, rx[:n]]), np.concatenate([labels, ry[:n]])
 
 
+def add_labelled(
+    images: np.ndarray, labels: np.ndarray, labeled_path: Path, weight: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The training split with your labelled images appended, each ``weight`` times.
+
+    A few hundred photos beside 42,000 MNIST digits would hardly move the weights; repeated,
+    they are drawn as often as ``weight`` times their number of MNIST digits would be.
+    """
+    lx, ly = load_arrays(labeled_path)
+    if len(lx) == 0:
+        return images, labels
+    log.info("training with %d labelled images of your own, each %dx", len(lx), weight)
+    return (
+        np.concatenate([images, np.repeat(lx, weight, axis=0)]),
+        np.concatenate([labels, np.repeat(ly, weight)]),
+    )
+
+
 def _fingerprint(params: TrainParams, *data_paths: Path) -> str:
     """Identity of a training run: params + data content. A checkpoint resumes only its own run."""
     h = hashlib.sha256(repr(sorted(to_dict(params).items())).encode())
@@ -365,11 +383,14 @@ def train(
     params: TrainParams,
     progress: bool | None = None,
     renders_path: Path | None = None,
+    labeled_path: Path | None = None,
 ) -> TrainResult:
     """Train ``params.model`` and write the self-describing model file.
 
     With ``params.renders_share`` > 0, the synthetic photos of ``renders_path`` (the
-    render stage's 28x28 network inputs) join the training split (mix_renders).
+    render stage's 28x28 network inputs) join the training split (mix_renders). With
+    ``params.labeled_weight`` > 0, so do your labelled training images of ``labeled_path``
+    (the labeled stage's train.npz), each that many times (add_labelled).
 
     After each epoch a resume checkpoint is written to ``checkpoint_path``; a
     rerun of the same run (same params and data) continues from it, and it is
@@ -388,6 +409,9 @@ def train(
             raise ValueError("train.renders_share > 0 needs the renders file (--renders)")
         train_x, train_y = mix_renders(train_x, train_y, renders_path, params.renders_share)
         data_paths.append(renders_path)
+    if params.labeled_weight > 0 and labeled_path is not None:
+        train_x, train_y = add_labelled(train_x, train_y, labeled_path, params.labeled_weight)
+        data_paths.append(labeled_path)
     val_x, val_y = load_arrays(val_path)
     # (N, 28, 28) uint8 on the device: 33 MB for MNIST, cheap to keep resident
     xs, ys = torch.from_numpy(train_x).to(device), torch.from_numpy(train_y).to(device)

@@ -190,3 +190,19 @@ def test_labels_unchanged_since_reads_the_inbox_hash_of_each_commit(tmp_path: Pa
     assert labels_unchanged_since(tmp_path, "model@v1")
     commit("bbb.dir", "new labelled images")
     assert not labels_unchanged_since(tmp_path, "model@v1")
+
+
+def test_training_adds_each_labelled_image_weight_times(tmp_path: Path) -> None:
+    from tasks.data import save_arrays
+    from tasks.train import add_labelled
+
+    mnist_x, mnist_y = np.zeros((5, 28, 28), np.uint8), np.zeros(5, np.uint8)
+    own_x = np.stack([REFERENCES[7], REFERENCES[1]])
+    path = save_arrays(tmp_path / "train.npz", own_x, np.array([7, 1], np.uint8))
+    x, y = add_labelled(mnist_x, mnist_y, path, weight=3)
+    assert len(x) == 11 and list(y[5:]) == [7, 7, 7, 1, 1, 1]
+    assert (x[5] == REFERENCES[7]).all() and (x[-1] == REFERENCES[1]).all()
+    empty = save_arrays(
+        tmp_path / "none.npz", np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8)
+    )
+    assert len(add_labelled(mnist_x, mnist_y, empty, weight=3)[0]) == 5

@@ -180,6 +180,10 @@ def train(
         Path,
         typer.Option(help="the render stage's .npz (read when train.<recipe>.renders_share > 0)"),
     ] = Path(RENDERS),
+    labeled: Annotated[
+        Path | None,
+        typer.Option(help="your labelled training images (the labeled stage's train.npz)"),
+    ] = None,
     recipe: RecipeOpt = DEFAULT_RECIPE,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
@@ -196,7 +200,7 @@ def train(
     p = load_params(params).recipe(recipe)
     result = train_step(
         data / "train.npz", data / "val.npz", model, live_dir, checkpoint, p,
-        renders_path=renders,
+        renders_path=renders, labeled_path=labeled,
     )  # fmt: skip
     kept = result.kept  # the epoch whose weights the model file holds (train.keep)
     typer.echo(
