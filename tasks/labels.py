@@ -9,13 +9,19 @@ and the hidden temp file is skipped by `digitflow predict`'s folder walk.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
+import json
+import logging
 import os
 import re
 import stat
 from pathlib import Path
 
-from tasks.io import atomic_open
+from tasks.io import atomic_open, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 N_LABELS = 10  # the digits 0..9
 SUFFIX = re.compile(r"\.[a-z0-9]{1,5}")  # ".png", ".jpg", ".webp": no separators, no dots
@@ -76,3 +82,50 @@ def label_file(path: Path, label: int, root: Path) -> tuple[Path, bool]:
     target = Path(root) / str(label) / f"{hashlib.sha256(data).hexdigest()}{suffix}"
     existed = target.is_file()
     return store_labelled(data, label, root, suffix), not existed
+
+
+REVIEW_INDEX = "review.csv"  # in the review folder: each copied row, its probabilities
+NOT_COPIED = ("error",)  # statuses with no image to look at: listed in the output only
+
+
+def read_rows(predictions: Path, fmt: str) -> list[dict[str, str]]:
+    """The rows of a predictions file `digitflow predict` wrote (CSV or JSONL), as text."""
+    with open(predictions, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        if fmt == "csv":
+            return list(csv.DictReader(fh))
+        rows = [json.loads(line) for line in fh if line.strip()]
+    return [{k: "" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+             for k, v in row.items()} for row in rows]  # fmt: skip
+
+
+def copy_for_review(predictions: Path, fmt: str, review_dir: Path) -> int:
+    """Copy the rows flagged for review into ``review_dir/<predicted label>/``; how many.
+
+    An `empty` row goes to ``empty/``. Each copy is named by its content hash and its
+    original name (two files of one name never collide); ``review.csv`` lists the copies
+    with their original path and probabilities, so a person confirms a label by moving the
+    file into ``data/labeled/<label>/`` or with ``digitflow label FILE --as N``.
+    """
+    rows = [r for r in read_rows(predictions, fmt) if r.get("review") == "true"]
+    index = []
+    for row in rows:
+        if row["status"] in NOT_COPIED:
+            continue
+        source = Path(row["path"])
+        try:
+            data, _ = read_image_bytes(source)  # bounded, and still the image predict read
+        except NotAnImage as exc:
+            log.warning("not copied for review: %s", exc)
+            continue
+        folder = review_dir / (row["label"] if row["status"] == "ok" else row["status"])
+        target = folder / f"{hashlib.sha256(data).hexdigest()[:16]}_{source.name}"
+        with atomic_open(target, "wb") as fh:
+            fh.write(data)
+        index.append({"copy": str(target), **row})
+    if index:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(index[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(index)
+        atomic_write_text(review_dir / REVIEW_INDEX, buffer.getvalue())
+    return len(index)

@@ -542,3 +542,24 @@ def test_interrupted_run_leaves_no_output(model_file: Path, tmp_path: Path) -> N
     assert b"Traceback" not in output
     assert not out.exists()
     assert list(out.parent.iterdir()) == []
+
+
+def test_review_dir_gets_the_flagged_rows_by_predicted_label(
+    tmp_path: Path, model_file: Path
+) -> None:
+    """An untrained model is unsure of everything: every readable row is copied for review."""
+    folder = tmp_path / "in"
+    write_png(folder / "three.png", REFERENCES[3])
+    write_png(folder / "blank.png", np.full((28, 28), 0, np.uint8))
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    review = tmp_path / "review"
+    result = cli(folder, "--model", model_file, "--out", tmp_path / "o.csv", "--review-dir", review)
+    assert result.exit_code == 1, result.output  # the empty and the broken row
+    rows = {os.path.basename(r["path"]): r for r in read_csv(tmp_path / "o.csv")}
+    label = rows["three.png"]["label"]
+    copied = sorted(p.relative_to(review).parent.as_posix() for p in review.rglob("*.png"))
+    assert copied == sorted([label, "empty"])
+    index = read_csv(review / "review.csv")
+    assert {os.path.basename(r["path"]) for r in index} == {"three.png", "blank.png"}
+    assert all(Path(r["copy"]).is_file() and "p9" in r for r in index)
+    assert "2 files to review copied" in result.stderr

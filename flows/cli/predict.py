@@ -163,6 +163,13 @@ def predict(
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
     review_below: ReviewOpt = None,
+    review_dir: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="DIR",
+            help="copy the rows flagged for review to DIR/<predicted label>/, with review.csv",
+        ),
+    ] = None,
     params: ParamsOpt = None,
     allow_failures: AllowOpt = False,
     progress: ProgressOpt = None,
@@ -188,6 +195,11 @@ def predict(
             progress=progress,
             review_below=p.review_below if review_below is None else review_below,
         )
+        if review_dir is not None and summary.review:
+            from tasks.labels import copy_for_review
+
+            copied = copy_for_review(out, _format_for(out, fmt), review_dir)
+            typer.echo(f"{copied} files to review copied to {review_dir}", err=True)
     _report(summary, allow_failures)
 
 
