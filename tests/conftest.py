@@ -63,3 +63,11 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture
+def tiny_env(tiny_mnist: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point the download stage at the tiny synthetic mirror (inherited by `dvc repro`)."""
+    monkeypatch.setenv("MNIST_MIRROR", str(tiny_mnist / "mirror"))
+    monkeypatch.setenv("DIGITFLOW_MNIST_CHECKSUMS", str(tiny_mnist / "checksums.json"))
+    return tiny_mnist

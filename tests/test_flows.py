@@ -111,14 +111,6 @@ def make_repo(where: Path) -> Path:
     return where
 
 
-@pytest.fixture
-def tiny_env(tiny_mnist: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Point the download stage at the tiny synthetic mirror (inherited by `dvc repro`)."""
-    monkeypatch.setenv("MNIST_MIRROR", str(tiny_mnist / "mirror"))
-    monkeypatch.setenv("DIGITFLOW_MNIST_CHECKSUMS", str(tiny_mnist / "checksums.json"))
-    return tiny_mnist
-
-
 def _task_runs(flow_run_id: Any) -> list[Any]:
     """Task runs of one flow run, in start order."""
     from prefect.client.orchestration import get_client
