@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.config import MAX_WIDTH
+from tasks.errors import DigitflowError
 from tasks.io import atomic_open
 
 FORMAT = "digitflow-model"
@@ -126,7 +127,7 @@ class TorchFileError(ValueError):
     """A file that should be a PyTorch file is unreadable, foreign, damaged or too big."""
 
 
-class ModelFileError(TorchFileError):
+class ModelFileError(DigitflowError, TorchFileError):
     """The file is not a digitflow model (or is damaged)."""
 
 

@@ -33,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tasks.decode import read_header
+from tasks.errors import DigitflowError
 from tasks.io import atomic_open
 from tasks.prepare_pool import (
     IMAGE_SUFFIXES,
@@ -70,7 +71,7 @@ OUTPUT_ERRORS = "surrogateescape"  # undecodable file-name bytes are written bac
 JSON_LINE_BREAKS = str.maketrans({c: f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"})
 
 
-class PredictUsageError(ValueError):
+class PredictUsageError(DigitflowError, ValueError):
     """The command cannot run at all (no inputs, bad options); exit code 2."""
 
 
