@@ -15,8 +15,6 @@ import numpy as np
 from tasks.errors import WorkError
 
 UINT8 = 0x08
-IMAGES_MAGIC = 0x00000803  # uint8, 3 dims: (N, rows, cols)
-LABELS_MAGIC = 0x00000801  # uint8, 1 dim: (N,)
 
 
 class IdxError(WorkError, ValueError):
