@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from tasks.data import load_arrays
+from tasks.digits import N_CLASSES
 from tasks.io import atomic_write_text
-from tasks.metrics import N_CLASSES, confusion_matrix
+from tasks.metrics import confusion_matrix
 from tasks.model import evaluate_arrays, load_model, pick_device
 
 
