@@ -336,7 +336,8 @@ def metrics_markdown(
 
 def confusion_rows(confusion_csv: Path) -> list[dict[str, Any]]:
     """The 10x10 confusion matrix (rows: actual, columns: predicted) from per-image rows."""
-    from tasks.metrics import N_CLASSES, confusion_matrix, read_confusion_rows
+    from tasks.digits import N_CLASSES
+    from tasks.metrics import confusion_matrix, read_confusion_rows
 
     counts = confusion_matrix(*read_confusion_rows(confusion_csv)).tolist()
     classes = range(N_CLASSES)

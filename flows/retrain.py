@@ -62,6 +62,7 @@ from flows.paths import (
 )
 from flows.pipeline import TAG_PREFIX, latest_champion, training_pipeline
 from tasks.config import ParamsError, RetrainParams
+from tasks.errors import DigitflowError
 from tasks.io import atomic_write_text
 
 ARTIFACT_DECISION = "digitflow-retrain-decision"
@@ -91,7 +92,7 @@ YAML_WIDTH = 4096
 HEAD_PARAMS = "HEAD:params.yaml"
 
 
-class RetrainError(RuntimeError):
+class RetrainError(DigitflowError, RuntimeError):
     """The retrain flow could not run (not a git repo, no commit, tag race, ...)."""
 
 

@@ -41,6 +41,8 @@ from pydantic_core import PydanticCustomError
 from yaml.composer import ComposerError
 from yaml.constructor import ConstructorError
 
+from tasks.errors import DigitflowError
+
 # The project's params.yaml is ~8 KB; 8x that leaves room for many more recipes, and refusing
 # larger files before parsing bounds the pure-Python parse (~1 s for 64 KiB of keys on 2 cores).
 MAX_PARAMS_BYTES = 64 * 1024
@@ -79,7 +81,7 @@ MAX_GRID = 1000  # misclassified digits in a 9-wide grid: 112 rows, a figure ~15
 _CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class ParamsError(ValueError):
+class ParamsError(DigitflowError, ValueError):
     """params.yaml has an unknown key, a missing section or an invalid value."""
 
 

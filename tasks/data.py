@@ -10,12 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.errors import WorkError
 from tasks.io import atomic_open
 
-SPLITS = ("train", "val", "test")
 
-
-class DatasetError(ValueError):
+class DatasetError(WorkError, ValueError):
     """A dataset file holds arrays that are not (N, 28, 28) images with N labels."""
 
 

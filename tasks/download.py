@@ -27,6 +27,7 @@ import urllib3
 from urllib3.exceptions import HTTPError, MaxRetryError, NameResolutionError
 from urllib3.util import Retry, Timeout
 
+from tasks.errors import DigitflowError
 from tasks.idx import MAX_HEADER, IdxError, parse_header
 from tasks.io import atomic_path
 
@@ -86,7 +87,7 @@ _RAW_SLACK_BYTES = 64 * 1024
 _CHECKSUMS_MAX_BYTES = 64 * 1024  # a JSON of four names and hashes is ~400 bytes
 
 
-class DownloadError(RuntimeError):
+class DownloadError(DigitflowError, RuntimeError):
     """Every source failed for some file; the message names each source and why."""
 
 

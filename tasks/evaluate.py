@@ -18,20 +18,18 @@ import numpy as np
 import torch
 
 from tasks.data import load_arrays
+from tasks.digits import N_CLASSES
 from tasks.io import atomic_write_text
-from tasks.metrics import N_CLASSES, confusion_matrix
+from tasks.metrics import confusion_matrix
 from tasks.model import evaluate_arrays, load_model, pick_device
 
 
 @dataclass
 class EvaluateResult:
+    """What the command prints; classes.json and confusion.csv sit beside metrics.json."""
+
     metrics: dict[str, Any]  # accuracy, loss, macro averages
-    per_class: list[dict[str, Any]]  # one row per class: precision, recall, f1, support
-    confused_pairs: list[dict[str, Any]]  # (actual, predicted, count), most frequent first
     metrics_path: Path
-    classes_path: Path
-    confusion_path: Path
-    predictions: np.ndarray  # (N,) predicted class per test image
 
 
 def most_confused(actual: np.ndarray, predicted: np.ndarray, top: int) -> list[dict[str, Any]]:
@@ -119,7 +117,7 @@ def evaluate(
     confused = most_confused(actual, predicted, top_confused)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    classes_path = atomic_write_text(
+    atomic_write_text(
         out_dir / "classes.json",
         json.dumps({"per_class": per_class, "most_confused": confused}, indent=2) + "\n",
     )
@@ -127,7 +125,5 @@ def evaluate(
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["actual", "predicted"])
     writer.writerows(zip(actual.tolist(), predicted.tolist(), strict=True))
-    confusion_path = atomic_write_text(out_dir / "confusion.csv", buf.getvalue())
-    return EvaluateResult(
-        metrics, per_class, confused, metrics_path, classes_path, confusion_path, predicted
-    )
+    atomic_write_text(out_dir / "confusion.csv", buf.getvalue())
+    return EvaluateResult(metrics, metrics_path)

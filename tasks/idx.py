@@ -12,12 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.digits import N_CLASSES
+from tasks.errors import WorkError
+
 UINT8 = 0x08
-IMAGES_MAGIC = 0x00000803  # uint8, 3 dims: (N, rows, cols)
-LABELS_MAGIC = 0x00000801  # uint8, 1 dim: (N,)
 
 
-class IdxError(ValueError):
+class IdxError(WorkError, ValueError):
     """An IDX file is malformed, truncated or not what was expected."""
 
 
@@ -81,12 +82,12 @@ def read_images(path: Path) -> np.ndarray:
 
 
 def read_labels(path: Path) -> np.ndarray:
-    """(N,) uint8 labels in 0..9."""
+    """(N,) uint8 labels, each a class (0..9)."""
     arr = read_idx(path)
     if arr.ndim != 1:
         raise IdxError(f"{path}: expected a 1-d label file, got shape {arr.shape}")
-    if arr.size and arr.max() > 9:
-        raise IdxError(f"{path}: label {int(arr.max())} out of range 0..9")
+    if arr.size and arr.max() >= N_CLASSES:
+        raise IdxError(f"{path}: label {int(arr.max())} out of range 0..{N_CLASSES - 1}")
     return arr
 
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from tasks.data import save_arrays
+from tasks.digits import CLASSES
 from tasks.preprocess import prepare_file
 
 log = logging.getLogger(__name__)
 
-CLASSES = [str(d) for d in range(10)]  # the folder names: one per digit
 HASH_SPAN = 2**32  # the first 8 hex digits of an image's SHA-256, as a share of this
 
 

@@ -19,11 +19,11 @@ import re
 import stat
 from pathlib import Path
 
+from tasks.digits import N_CLASSES
 from tasks.io import atomic_open, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-N_LABELS = 10  # the digits 0..9
 SUFFIX = re.compile(r"\.[a-z0-9]{1,5}")  # ".png", ".jpg", ".webp": no separators, no dots
 
 
@@ -34,8 +34,8 @@ def store_labelled(data: bytes, label: int, root: Path, suffix: str) -> Path:
     ValueError for a label outside 0..9, a suffix that is not ``.`` and 1-5 lowercase
     letters or digits, and empty ``data``.
     """
-    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < N_LABELS:
-        raise ValueError(f"label must be a digit 0-{N_LABELS - 1}, got {label!r}")
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < N_CLASSES:
+        raise ValueError(f"label must be a digit 0-{N_CLASSES - 1}, got {label!r}")
     if not SUFFIX.fullmatch(suffix):
         raise ValueError(f"file suffix must look like '.png', got {suffix!r}")
     if not data:

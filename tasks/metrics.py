@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-N_CLASSES = 10
+from tasks.digits import N_CLASSES
 
 
 def confusion_matrix(actual: np.ndarray, predicted: np.ndarray) -> np.ndarray:

@@ -24,11 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.config import MAX_WIDTH
+from tasks.digits import CLASSES, N_CLASSES
+from tasks.errors import DigitflowError
 from tasks.io import atomic_open
 
 FORMAT = "digitflow-model"
 FORMAT_VERSION = 1
-CLASSES = [str(d) for d in range(10)]
 
 
 class SeedCNN(nn.Module):
@@ -44,7 +45,7 @@ class SeedCNN(nn.Module):
     same either way (features.0/3/6 are the convs), so model files load in both orders.
     """
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = N_CLASSES) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(1, 64, 3), nn.MaxPool2d(2), nn.ReLU(),
@@ -85,7 +86,11 @@ class ImprovedCNN(nn.Module):
     """
 
     def __init__(
-        self, num_classes: int = 10, batchnorm: bool = True, dropout: float = 0.0, width: int = 32
+        self,
+        num_classes: int = N_CLASSES,
+        batchnorm: bool = True,
+        dropout: float = 0.0,
+        width: int = 32,
     ):
         super().__init__()
         w = width  # channels of the first block; each block doubles them
@@ -111,7 +116,7 @@ class ImprovedCNN(nn.Module):
 ARCHITECTURES: dict[str, type[nn.Module]] = {"seed": SeedCNN, "improved": ImprovedCNN}
 
 
-def build_model(arch: str, num_classes: int = 10, **arch_kwargs: Any) -> nn.Module:
+def build_model(arch: str, num_classes: int = N_CLASSES, **arch_kwargs: Any) -> nn.Module:
     """A fresh, untrained network of the named architecture.
 
     ``arch_kwargs`` are the architecture's switches (ImprovedCNN: batchnorm, dropout); the
@@ -126,7 +131,7 @@ class TorchFileError(ValueError):
     """A file that should be a PyTorch file is unreadable, foreign, damaged or too big."""
 
 
-class ModelFileError(TorchFileError):
+class ModelFileError(DigitflowError, TorchFileError):
     """The file is not a digitflow model (or is damaged)."""
 
 

@@ -33,6 +33,8 @@ import numpy as np
 from tqdm import tqdm
 
 from tasks.decode import read_header
+from tasks.digits import N_CLASSES
+from tasks.errors import DigitflowError
 from tasks.io import atomic_open
 from tasks.prepare_pool import (
     IMAGE_SUFFIXES,
@@ -50,7 +52,6 @@ if TYPE_CHECKING:
 # workers first, and they decode while this process imports torch and loads the model.
 
 FORMATS = ("csv", "jsonl")
-N_CLASSES = 10
 PROB_DECIMALS = 6  # probabilities in the output: enough to rank, short enough to diff
 # Rows whose confidence is below this are flagged for review (params.yaml predict.review_below
 # documents the value; tasks/config.py PredictParams holds the same default).
@@ -70,7 +71,7 @@ OUTPUT_ERRORS = "surrogateescape"  # undecodable file-name bytes are written bac
 JSON_LINE_BREAKS = str.maketrans({c: f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"})
 
 
-class PredictUsageError(ValueError):
+class PredictUsageError(DigitflowError, ValueError):
     """The command cannot run at all (no inputs, bad options); exit code 2."""
 
 

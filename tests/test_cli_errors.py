@@ -17,7 +17,8 @@ import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.cli.errors import EXPECTED_ERRORS, USAGE_EXIT
+from flows.cli.errors import exit_code_for
+from tasks.errors import USAGE_EXIT, WORK_EXIT, DigitflowError
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -109,12 +110,48 @@ def test_each_command_makes_an_expected_error_one_line_and_exit_2(
     assert "Traceback" not in result.output
 
 
-def test_every_expected_error_names_an_exception_class() -> None:
-    """The policy looks its classes up by name: a typo there would silently match nothing."""
-    for module_name, class_name, code in EXPECTED_ERRORS:
-        cls = getattr(importlib.import_module(module_name), class_name)
-        assert isinstance(cls, type) and issubclass(cls, Exception), (module_name, class_name)
-        assert code in (1, 2)
+# Each expected error of the project and the exit code it carries (tasks/errors.py)
+EXPECTED_ERRORS = [
+    ("flows.cli.errors", "UsageError", USAGE_EXIT),
+    ("tasks.config", "ParamsError", USAGE_EXIT),
+    ("tasks.download", "DownloadError", USAGE_EXIT),
+    ("tasks.model", "ModelFileError", USAGE_EXIT),
+    ("flows.api", "ModelCheckError", USAGE_EXIT),
+    ("tasks.predict", "PredictUsageError", USAGE_EXIT),
+    ("flows.retrain", "RetrainError", USAGE_EXIT),
+    ("tasks.idx", "IdxError", WORK_EXIT),
+    ("tasks.data", "DatasetError", WORK_EXIT),
+]
+
+
+@pytest.mark.parametrize(("module_name", "class_name", "code"), EXPECTED_ERRORS)
+def test_each_expected_error_carries_its_exit_code(
+    module_name: str, class_name: str, code: int
+) -> None:
+    cls = getattr(importlib.import_module(module_name), class_name)
+    assert issubclass(cls, DigitflowError), (module_name, class_name)
+    assert exit_code_for(cls("x")) == code
+
+
+def test_a_missing_file_is_expected_and_anything_else_a_bug() -> None:
+    from tasks.model import TorchFileError
+
+    assert exit_code_for(FileNotFoundError("x")) == USAGE_EXIT
+    for bug in (ValueError("x"), KeyError("x"), RuntimeError("x"), TorchFileError("x")):
+        assert exit_code_for(bug) is None, bug
+
+
+def test_the_error_policy_imports_neither_torch_nor_prefect() -> None:
+    """A light command (download, split) classifies its errors without the heavy libraries."""
+    code = (
+        "import sys, flows.cli.errors\n"
+        "heavy = [m for m in ('torch', 'prefect') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_help_groups_the_commands_in_three_panels() -> None:

@@ -9,49 +9,29 @@ line and exit 1; anything else is a bug and keeps its traceback. A command's own
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from functools import wraps
 from typing import ParamSpec, TypeVar
 
 import typer
 
-USAGE_EXIT = 2  # what the command was pointed at is wrong (Click's own code for bad usage)
-WORK_EXIT = 1  # the work failed on its data
+from tasks.errors import USAGE_EXIT, DigitflowError
 
 
-class UsageError(Exception):
+class UsageError(DigitflowError):
     """An expected error the CLI finds itself (a default file missing, no server to use)."""
 
 
-# Each expected error and its exit code: the one place that maps them. By module and class
-# name, looked up in sys.modules rather than imported, so that a light command (download,
-# split) does not import torch or Prefect only to name their errors; an exception of a
-# module that was never imported cannot have been raised. First match wins (none of these
-# subclasses another). tests/test_cli_errors.py checks that every entry names an exception class.
-EXPECTED_ERRORS: tuple[tuple[str, str, int], ...] = (
-    (__name__, "UsageError", USAGE_EXIT),
-    ("builtins", "FileNotFoundError", USAGE_EXIT),
-    ("tasks.config", "ParamsError", USAGE_EXIT),
-    # no source configured, none reachable or none with the right files, a bad checksum file
-    ("tasks.download", "DownloadError", USAGE_EXIT),
-    ("tasks.model", "ModelFileError", USAGE_EXIT),
-    # no inputs, bad options, an unreachable Dask scheduler
-    ("tasks.predict", "PredictUsageError", USAGE_EXIT),
-    # retrain/serve: not a git repo, no commit, a bad or forbidden override
-    ("flows.retrain", "RetrainError", USAGE_EXIT),
-    ("tasks.idx", "IdxError", WORK_EXIT),
-    ("tasks.data", "DatasetError", WORK_EXIT),
-)
-
-
 def exit_code_for(exc: BaseException) -> int | None:
-    """The exit code of an expected error; None for anything else (a bug)."""
-    for module_name, class_name, code in EXPECTED_ERRORS:
-        module = sys.modules.get(module_name)
-        cls = getattr(module, class_name, None) if module is not None else None
-        if cls is not None and isinstance(exc, cls):
-            return code
+    """The exit code of an expected error; None for anything else (a bug).
+
+    Each project error carries its own (tasks/errors.py); a missing file is the one
+    built-in exception that is a user's doing.
+    """
+    if isinstance(exc, DigitflowError):
+        return exc.exit_code
+    if isinstance(exc, FileNotFoundError):
+        return USAGE_EXIT
     return None
 
 

@@ -16,6 +16,7 @@ import typer
 from flows.cli.errors import UsageError, expected_errors
 from flows.cli.help import Command
 from flows.paths import LABELED_DIR, default_path
+from tasks.digits import CLASSES
 
 PANEL = "Your own images"  # their group in `digitflow --help`
 app = typer.Typer()
@@ -62,7 +63,7 @@ def label(
     stored = known = 0
     problems = []
     for path, text in items:
-        if text not in {str(d) for d in range(10)}:
+        if text not in CLASSES:
             problems.append(f"{path}: label {text!r} is not a digit 0-9, skipped")
             continue
         try:

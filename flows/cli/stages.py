@@ -31,6 +31,7 @@ from flows.paths import (
     TRAIN_DIR,
     stage_path,
 )
+from tasks.digits import CLASSES
 
 PANEL = "Pipeline stages"  # their group in `digitflow --help`
 app = typer.Typer()
@@ -118,8 +119,8 @@ def labeled_inbox(
     out: Annotated[Path, typer.Option(help="the inbox: one folder per class")] = Path(LABELED_DIR),
 ) -> None:
     """Create the labelled-images inbox (data/labeled/0 … 9); what is in it stays."""
-    for label in range(10):
-        (out / str(label)).mkdir(parents=True, exist_ok=True)
+    for label in CLASSES:
+        (out / label).mkdir(parents=True, exist_ok=True)
     typer.echo(f"{out}: {sum(1 for f in out.rglob('*') if f.is_file())} files")
 
 
