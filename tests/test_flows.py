@@ -761,7 +761,11 @@ def test_serve_creates_a_deployment_with_the_cron_schedule(
     assert deployment.status == DeploymentStatus.READY, "the runner never polled"
     assert not deployment.paused
     assert [s.schedule.cron for s in deployment.schedules] == [cron]
-    assert deployment.parameters == {"root": str(tmp_path.resolve()), "overrides": []}
+    assert deployment.parameters == {
+        "root": str(tmp_path.resolve()),
+        "overrides": [],
+        "only_if_new_labels": True,  # a scheduled run trains only on new labelled images
+    }
     assert deployment.entrypoint == "flows.retrain.retrain"
 
     # stopped: a graceful exit that paused the schedule (no runs pile up with no runner)
