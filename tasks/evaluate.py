@@ -49,8 +49,15 @@ def real_metrics(
     if len(labels) == 0:
         return None  # absent, not zero: no images is no measurement
     dev = pick_device(device)
-    loaded = load_model(model_path, device=dev)
-    _, accuracy, _ = evaluate_arrays(
+    _, accuracy, _ = _score(load_model(model_path, device=dev), images, labels, batch_size, dev)
+    return {"accuracy": accuracy, "count": len(labels)}
+
+
+def _score(
+    loaded: Any, images: np.ndarray, labels: np.ndarray, batch_size: int, dev: torch.device
+) -> tuple[float, float, torch.Tensor]:
+    """(loss, accuracy, predictions (N,)) of a loaded model on uint8 images (N, 28, 28)."""
+    return evaluate_arrays(
         loaded.model,
         torch.from_numpy(images).to(dev),
         torch.from_numpy(labels).to(dev),
@@ -58,7 +65,6 @@ def real_metrics(
         loaded.std,
         batch_size,
     )
-    return {"accuracy": accuracy, "count": len(labels)}
 
 
 def evaluate(
@@ -80,14 +86,7 @@ def evaluate(
     dev = pick_device(device)
     loaded = load_model(model_path, device=dev)
     images, labels = load_arrays(test_path)
-    loss, accuracy, pred = evaluate_arrays(
-        loaded.model,
-        torch.from_numpy(images).to(dev),
-        torch.from_numpy(labels).to(dev),
-        loaded.mean,
-        loaded.std,
-        batch_size,
-    )
+    loss, accuracy, pred = _score(loaded, images, labels, batch_size, dev)
     predicted = pred.cpu().numpy()
     actual = labels.astype(np.int64)
     prec, rec, f1, support = precision_recall_fscore_support(
