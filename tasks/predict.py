@@ -59,6 +59,7 @@ DEFAULT_REVIEW_BELOW = 0.9
 # bytes read to tell an image from another file in a folder walk: every header read_header
 # knows fits (a TIFF whose directory lies further on, named without .tif, counts as other)
 SNIFF_BYTES = 4096
+NON_FINITE_MESSAGE = "the network's output is not finite (NaN or infinity): no prediction"
 JIT_DEPRECATION = r"`torch\.jit\.\w+` is deprecated"  # torch.jit FutureWarnings
 INFER_SLICE = 64  # images per network call (see Classifier.probabilities)
 HELD_ROWS_PER_IMAGE = 4  # rows held back for a batch: at most 4 x batch_size (bounded memory)
@@ -341,6 +342,19 @@ def _frozen(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor],
         return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
 
 
+def prediction_row(path: str, probs: np.ndarray, classes: list[str]) -> Row:
+    """The row of an image the network saw: ``ok``, or ``error`` when ``probs`` is not finite.
+
+    Finite weights can still overflow on some input (NaN or infinite logits): such an
+    output is no prediction, whatever argmax would say.
+    """
+    if not np.isfinite(probs).all():
+        return Row(path, "error", NON_FINITE_MESSAGE)
+    k = int(np.argmax(probs))
+    rounded = [round(float(v), PROB_DECIMALS) for v in probs]
+    return Row(path, "ok", "", classes[k], float(probs[k]), rounded)
+
+
 def iter_predictions(
     paths: Sequence[str],
     classifier: Classifier,
@@ -366,12 +380,7 @@ def iter_predictions(
             if prep.image is None:
                 yield Row(path, prep.status, prep.message)
                 continue
-            p = next(probs)
-            k = int(np.argmax(p))
-            yield Row(
-                path, "ok", "", classifier.classes[k], float(p[k]),
-                [round(float(v), PROB_DECIMALS) for v in p],
-            )  # fmt: skip
+            yield prediction_row(path, next(probs), classifier.classes)
 
     if stream is None:
         stream = PreparedStream(paths, workers, preprocess, debug_dir, index_offset)

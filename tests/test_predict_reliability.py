@@ -1,0 +1,145 @@
+"""Reliability, round 2 (issue 21): one odd file never ends a batch, non-finite outputs are
+errors, `--out` never destroys an input, expected failures without tracebacks, reads and
+decodes bounded per file. Real files, real worker processes, the real CLI."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from flows.cli import predict as predict_cmd
+from tasks.model import build_model, save_model
+from tasks.predict import predict_paths
+from tasks.prepare_pool import MIN_FILES_FOR_PROCESSES
+from tasks.preprocess import prepare_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    return save_model(path, build_model("seed"), "seed", mean=0.13, std=0.31, params={})
+
+
+def digit_png(digit: int = 3, size: tuple[int, int] = (120, 160)) -> bytes:
+    img = np.full(size, 230, np.uint8)
+    h, w = size
+    cv2.putText(img, str(digit), (w // 3, 3 * h // 4), cv2.FONT_HERSHEY_SIMPLEX, h / 40, 20, 8)
+    ok, buf = cv2.imencode(".png", img)
+    assert ok
+    return buf.tobytes()
+
+
+def banner_png() -> bytes:
+    """A digit on a 30:1 strip: the paper fit had two rows (LinAlgError before the fix)."""
+    img = np.full((20, 600), 230, np.uint8)
+    img[:, :300] = 180  # two paper levels: the quadratic fit is tried
+    cv2.putText(img, "7", (290, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.5, 20, 2)
+    ok, buf = cv2.imencode(".png", img)
+    assert ok
+    return buf.tobytes()
+
+
+def uniform_colour_png() -> bytes:
+    """2x2 pixels of one non-grey colour ("bgr".index("gray") ValueError before the fix)."""
+    ok, buf = cv2.imencode(".png", np.full((2, 2, 3), (200, 30, 30), np.uint8))
+    assert ok
+    return buf.tobytes()
+
+
+def read_csv(out: Path) -> list[dict[str, str]]:
+    with out.open(encoding="utf-8", errors="surrogateescape", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def cli(*args: str | Path) -> typer.testing.Result:
+    app = typer.Typer()
+    app.command()(predict_cmd.predict)
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+# --------------------------------------------------------------------------- 1. odd files
+
+
+def test_the_two_odd_images_are_rows() -> None:
+    """The two concrete bugs: a banner and a uniform colour image get a status, no raise."""
+    for data in (banner_png(), uniform_colour_png()):
+        path = Path(os.environ.get("TMPDIR", "/tmp")) / f"odd-{os.getpid()}.png"
+        path.write_bytes(data)
+        try:
+            result = prepare_file(path)
+        finally:
+            path.unlink()
+        assert result.status in ("ok", "empty")
+
+
+@pytest.mark.parametrize("n_good", [2, MIN_FILES_FOR_PROCESSES + 2], ids=["threads", "processes"])
+def test_one_odd_file_never_ends_the_batch(
+    tmp_path: Path, model_file: Path, n_good: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file whose decoding raises (a NUL in its name: ValueError from the OS layer) is its
+    own error row, in threads (small inputs) and in worker processes (large ones)."""
+    good = digit_png()
+    names = [f"g{i:04d}.png" for i in range(n_good)]
+    for name in names:
+        (tmp_path / name).write_bytes(good)
+    (tmp_path / "banner.png").write_bytes(banner_png())
+    (tmp_path / "uniform.png").write_bytes(uniform_colour_png())
+    nul = str(tmp_path / "nul\0name.png")  # reaches the decoder: the OS refuses it there
+    inputs = [*(str(tmp_path / n) for n in names), str(tmp_path / "banner.png"),
+              str(tmp_path / "uniform.png"), nul]  # fmt: skip
+    out = tmp_path / "out.csv"
+
+    with caplog.at_level(logging.ERROR, logger="tasks.prepare_pool"):
+        summary = predict_paths(inputs, model_file, out, workers=2, progress=False)
+
+    rows = {r["path"]: r for r in read_csv(out)}
+    assert summary.total == len(rows) == n_good + 3
+    assert all(rows[str(tmp_path / n)]["status"] == "ok" for n in names)
+    assert rows[str(tmp_path / "banner.png")]["status"] in ("ok", "empty")
+    assert rows[str(tmp_path / "uniform.png")]["status"] == "empty"
+    assert rows[nul]["status"] == "error"
+    assert rows[nul]["message"].startswith("internal error: ValueError")
+    if n_good < MIN_FILES_FOR_PROCESSES:  # logged in this process, with its traceback, once
+        logged = [r for r in caplog.records if r.name == "tasks.prepare_pool"]
+        assert len(logged) == 1 and logged[0].exc_info is not None
+
+
+# --------------------------------------------------------------------------- 7. overflow
+
+
+def test_outputs_that_overflow_are_errors_not_ok(tmp_path: Path) -> None:
+    """Finite weights that overflow on real ink only: error rows, never ok with NaN.
+
+    The first layer sees edges alone (+1e30 and -1e30 side by side: exactly 0 on any
+    uniform image, so the load check's blank and full probes pass); every later weight is
+    1e30, so a digit's edges overflow to infinity.
+    """
+    net = build_model("seed")
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            param.fill_(1e30 if name.endswith("weight") else 0.0)  # finite float32
+        first = net.features[0].weight  # (64, 1, 3, 3)
+        first.zero_()
+        first[:, 0, 1, 0], first[:, 0, 1, 1] = 1e30, -1e30
+    model = save_model(tmp_path / "huge.pt", net, "seed", mean=0.13, std=0.31, params={})
+    (tmp_path / "a.png").write_bytes(digit_png())
+    out = tmp_path / "out.csv"
+
+    result = cli(tmp_path / "a.png", "--model", model, "--out", out)
+
+    assert result.exit_code == 1, result.output
+    (row,) = read_csv(out)
+    assert row["status"] == "error" and "not finite" in row["message"]
+    assert row["label"] == "" and row["p0"] == ""
