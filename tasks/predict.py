@@ -205,6 +205,9 @@ class Inputs:
 
     paths: list[str]
     skipped: int = 0
+    # the output file, where an input named it or a folder walk found it as an image: the
+    # run would replace an input (plan_inputs refuses it)
+    out_among: list[str] = field(default_factory=list)
 
 
 def expand_inputs(inputs: Iterable[Path | str], exclude: Iterable[Path] = ()) -> Inputs:
@@ -234,12 +237,13 @@ def expand_inputs(inputs: Iterable[Path | str], exclude: Iterable[Path] = ()) ->
                 found.add(os.path.normpath(m))
     others = {p for p in walked - found if is_other_file(p)}
     # realpath (a few syscalls) only for files named like an excluded one
-    paths = sorted(
+    dropped = {
         p
         for p in (found | walked) - others
-        if os.path.basename(p) not in excluded_names or os.path.realpath(p) not in excluded
-    )
-    return Inputs(paths, skipped=len(others))
+        if os.path.basename(p) in excluded_names and os.path.realpath(p) in excluded
+    }
+    paths = sorted((found | walked) - others - dropped)
+    return Inputs(paths, skipped=len(others), out_among=sorted(dropped))
 
 
 # --------------------------------------------------------------------------- inference
@@ -502,10 +506,46 @@ def _check_folder_writable(folder: Path, what: str) -> None:
     os.unlink(probe)
 
 
+def _check_out_file(out_path: Path, model_path: Path | None) -> None:
+    """PredictUsageError unless ``out_path`` is absent or a regular file other than the model.
+
+    A symlink is refused, not followed: the atomic rename would replace the link itself
+    and leave its target with stale results, and writing through it would change a file
+    elsewhere; the message names the target to pass instead.
+    """
+    if not os.path.lexists(out_path):
+        return
+    st = os.lstat(out_path)
+    if stat.S_ISLNK(st.st_mode):
+        raise PredictUsageError(
+            f"output path {out_path} is a symlink (to {os.path.realpath(out_path)}): "
+            "pass the file itself"
+        )
+    if stat.S_ISDIR(st.st_mode):
+        raise PredictUsageError(f"output path {out_path} is a folder")
+    if not stat.S_ISREG(st.st_mode):
+        raise PredictUsageError(f"output path {out_path} is not a regular file")
+    if (
+        model_path is not None
+        and os.path.exists(model_path)
+        and os.path.samefile(out_path, model_path)
+    ):
+        raise PredictUsageError(f"output path {out_path} is the model file")
+
+
 def check_options(
-    out_path: Path, fmt: str, batch_size: int, workers: int, debug_dir: Path | None = None
+    out_path: Path,
+    fmt: str,
+    batch_size: int,
+    workers: int,
+    debug_dir: Path | None = None,
+    model_path: Path | None = None,
 ) -> None:
-    """Raise PredictUsageError for options that cannot work, before any work is done."""
+    """Raise PredictUsageError for options that cannot work, before any work is done.
+
+    ``--out`` must be absent or a regular file, not a symlink, not the model file
+    (``model_path``); plan_inputs also refuses one that is an input.
+    """
     if fmt not in FORMATS:
         raise PredictUsageError(f"unknown output format {fmt!r} (use one of {FORMATS})")
     if batch_size < 1:
@@ -513,8 +553,7 @@ def check_options(
     if workers < 1:
         raise PredictUsageError(f"workers must be >= 1, got {workers}")
     out_path = Path(out_path)
-    if out_path.is_dir():
-        raise PredictUsageError(f"output path {out_path} is a folder")
+    _check_out_file(out_path, model_path)
     _check_folder_writable(out_path.absolute().parent, f"output path {out_path}")
     if debug_dir is not None:
         _check_folder_writable(Path(debug_dir).absolute(), f"debug folder {debug_dir}")
@@ -530,14 +569,21 @@ def plan_inputs(
     batch_size: int,
     workers: int,
     debug_dir: Path | None = None,
+    model_path: Path | None = None,
 ) -> Inputs:
     """Check the options, then expand ``inputs``: the sorted files to classify.
 
     The first step of `digitflow predict` and of the batch_predict flow. Raises
-    PredictUsageError for options that cannot work and when there is nothing to do.
+    PredictUsageError for options that cannot work (``--out`` one of the inputs or the
+    model, see check_options) and when there is nothing to do. An earlier output found
+    in an input folder (a CSV, not an image) is left out of the inputs, not refused.
     """
-    check_options(out_path, fmt, batch_size, workers, debug_dir)
+    check_options(out_path, fmt, batch_size, workers, debug_dir, model_path)
     planned = expand_inputs(inputs, exclude=[out_path])
+    if planned.out_among:
+        raise PredictUsageError(
+            f"output path {out_path} is one of the inputs ({planned.out_among[0]})"
+        )
     if not planned.paths:
         raise PredictUsageError(
             f"no input files (the folders are empty or hold only hidden files"
@@ -594,7 +640,9 @@ def predict_paths(
     a row with status "error" or "empty" and a message.
     """
     t0 = time.perf_counter()
-    planned = plan_inputs(inputs, Path(out_path), fmt, batch_size, workers, debug_dir)
+    planned = plan_inputs(
+        inputs, Path(out_path), fmt, batch_size, workers, debug_dir, Path(model_path)
+    )
     paths = planned.paths
     debug = None if debug_dir is None else Path(debug_dir)
     stream = None

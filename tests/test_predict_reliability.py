@@ -143,3 +143,67 @@ def test_outputs_that_overflow_are_errors_not_ok(tmp_path: Path) -> None:
     (row,) = read_csv(out)
     assert row["status"] == "error" and "not finite" in row["message"]
     assert row["label"] == "" and row["p0"] == ""
+
+
+# --------------------------------------------------------------------------- 4. --out
+
+
+def _out_cases(tmp_path: Path, model_file: Path) -> dict[str, tuple[list[str], Path, str]]:
+    """name -> (inputs, --out, what the one line says); the --out file exists beforehand."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(digit_png())
+    (folder / "b.png").write_bytes(digit_png(5))
+    target = tmp_path / "results.csv"
+    target.write_text("old results\n")
+    (tmp_path / "link.csv").symlink_to(target)
+    fifo = tmp_path / "fifo.csv"
+    os.mkfifo(fifo)
+    model_copy = tmp_path / "m.pt"
+    model_copy.write_bytes(model_file.read_bytes())
+    a = str(folder / "a.png")
+    return {
+        "named input": ([a, str(folder / "b.png")], folder / "a.png", "is one of the inputs"),
+        "image in an input folder": ([str(folder)], folder / "b.png", "is one of the inputs"),
+        "input through a glob": ([str(folder / "*.png")], folder / "a.png", "is one of the inputs"),
+        "the model": ([a], model_copy, "is the model file"),
+        "a symlink": ([a], tmp_path / "link.csv", "is a symlink"),
+        "a fifo": ([a], fifo, "is not a regular file"),
+    }
+
+
+CASES = ["named input", "image in an input folder", "input through a glob", "the model",
+         "a symlink", "a fifo"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_out_that_would_destroy_something_is_refused(
+    tmp_path: Path, model_file: Path, case: str
+) -> None:
+    inputs, out, says = _out_cases(tmp_path, model_file)[case]
+    model = out if case == "the model" else model_file
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p != out}
+    before_out = None if case == "a fifo" else out.read_bytes()
+
+    result = cli(*inputs, "--model", model, "--out", out)
+
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], result.output
+    if before_out is not None:
+        assert out.read_bytes() == before_out
+    assert {p: p.read_bytes() for p in before} == before
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_an_earlier_csv_in_the_input_folder_is_left_out_not_refused(
+    tmp_path: Path, model_file: Path
+) -> None:
+    (tmp_path / "a.png").write_bytes(digit_png())
+    out = tmp_path / "predictions.csv"
+    out.write_text("old\n")
+
+    result = cli(tmp_path, "--model", model_file, "--out", out)
+
+    assert result.exit_code == 0, result.output
+    assert [r["path"] for r in read_csv(out)] == [str(tmp_path / "a.png")]
