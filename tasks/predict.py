@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import functools
 import glob
 import heapq
@@ -73,6 +74,14 @@ JSON_LINE_BREAKS = str.maketrans({c: f"\\u{ord(c):04x}" for c in "\x85\u2028\u20
 
 class PredictUsageError(ValueError):
     """The command cannot run at all (no inputs, bad options); exit code 2."""
+
+
+class PredictOutputError(Exception):
+    """The output file could not be written (a full disk); exit code 1, the old file kept."""
+
+
+# errors of writing a file that are no bug: the output's file system refused the bytes
+OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
 
 
 @dataclass
@@ -227,7 +236,13 @@ def expand_inputs(inputs: Iterable[Path | str], exclude: Iterable[Path] = ()) ->
         if os.path.isdir(arg) and not is_image_named_dir(arg):
             matches: Iterable[str] = [arg]
         elif not os.path.lexists(arg) and glob.has_magic(arg):
-            matches = glob.glob(arg, recursive=True) or [arg]
+            try:
+                matches = glob.glob(arg, recursive=True) or [arg]
+            except RecursionError as exc:  # glob's ** recurses once a level (Python 3.11)
+                raise PredictUsageError(
+                    f"pattern {arg}: the folders are too deep for **; pass the folder "
+                    "itself (folders are searched at any depth)"
+                ) from exc
         else:
             matches = [arg]
         for m in matches:
@@ -609,15 +624,23 @@ def write_predictions(
     terminal). Each row's ``review`` flag is set here (needs_review, ``review_below``).
     """
     summary = PredictSummary(out_path=Path(out_path))
-    with (
-        progress_bar(total, progress, desc) as bar,
-        open_output(Path(out_path), fmt, n_classes) as writer,
-    ):
-        for row in rows:
-            row.review = needs_review(row, review_below)
-            writer.write(row)
-            summary.count(row)
-            bar.update(1)
+    try:
+        with (
+            progress_bar(total, progress, desc) as bar,
+            open_output(Path(out_path), fmt, n_classes) as writer,
+        ):
+            for row in rows:
+                row.review = needs_review(row, review_below)
+                writer.write(row)
+                summary.count(row)
+                bar.update(1)
+    except OSError as exc:
+        if exc.errno not in OUTPUT_ERRNOS:
+            raise
+        raise PredictOutputError(
+            f"cannot write {out_path}: {exc.strerror}; nothing written "
+            "(an earlier file there is kept)"
+        ) from exc
     return summary
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -207,3 +209,77 @@ def test_an_earlier_csv_in_the_input_folder_is_left_out_not_refused(
 
     assert result.exit_code == 0, result.output
     assert [r["path"] for r in read_csv(out)] == [str(tmp_path / "a.png")]
+
+
+# --------------------------------------------------------------------------- 6. expected
+
+
+def test_a_starstar_pattern_over_a_1100_deep_tree_is_one_line(
+    tmp_path: Path, model_file: Path
+) -> None:
+    top = tmp_path / "deep"
+    top.mkdir()
+    chain = [top]
+    for _ in range(1100):  # one level at a time: os.makedirs recurses too
+        chain.append(chain[-1] / "d")
+        chain[-1].mkdir()
+    (chain[-1] / "bottom.png").write_bytes(digit_png())
+    try:
+        result = cli(f"{top}/**/*.png", "--model", model_file, "--out", tmp_path / "o.csv")
+    finally:
+        (chain[-1] / "bottom.png").unlink()
+        for folder in reversed(chain[1:]):  # bottom up: shutil.rmtree recurses too
+            folder.rmdir()
+
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert "too deep for **" in line and "Traceback" not in result.output
+
+
+def test_a_253_byte_multibyte_name_with_debug_dir(tmp_path: Path, model_file: Path) -> None:
+    name = "数" * 83 + ".png"  # 3 x 83 + 4 = 253 bytes: allowed, but not with a prefix
+    assert len(name.encode()) == 253
+    (tmp_path / name).write_bytes(digit_png())
+    debug = tmp_path / "debug"
+
+    result = cli(tmp_path / name, "--model", model_file, "--out", tmp_path / "o.csv",
+                 "--debug-dir", debug)  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    (row,) = read_csv(tmp_path / "o.csv")
+    assert row["status"] == "ok"
+    (saved,) = debug.iterdir()
+    assert len(saved.name.encode()) <= 255 and saved.name.startswith("0000000_数")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs, unmounted after the test; skipped where mounting is not allowed."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_out_on_a_full_filesystem_is_one_line_and_keeps_the_old_file(
+    tmp_path: Path, model_file: Path, small_tmpfs: Path
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(300):  # ~300 rows of ~120 bytes: 36 KB, over what is left
+        (folder / f"image_with_a_long_name_{i:04d}.png").write_bytes(digit_png())
+    out = small_tmpfs / "pred.csv"
+    out.write_text("old results\n")
+    (small_tmpfs / "filler").write_bytes(b"\0" * 40_000)
+
+    result = cli(folder, "--model", model_file, "--out", out)
+
+    assert result.exit_code == 1, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: cannot write") and "No space left on device" in line
+    assert out.read_text() == "old results\n"
+    assert sorted(p.name for p in small_tmpfs.iterdir()) == ["filler", "pred.csv"]

@@ -41,6 +41,7 @@ EXPECTED_ERRORS: tuple[tuple[str, str, int], ...] = (
     # retrain/serve: not a git repo, no commit, a bad or forbidden override
     ("flows.retrain", "RetrainError", USAGE_EXIT),
     ("tasks.idx", "IdxError", WORK_EXIT),
+    ("tasks.predict", "PredictOutputError", WORK_EXIT),  # the output's disk is full
     ("tasks.data", "DatasetError", WORK_EXIT),
 )
 
