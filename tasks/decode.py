@@ -39,6 +39,7 @@ from pathlib import Path
 
 # Decoding limits, per image. A worker holds at most one decoded image at a time.
 MAX_FILE_BYTES = 256 * 2**20  # a bigger file is not a digit photo; refuse before reading it
+READ_STEP = 2**20  # bytes per read once a file is past the size fstat gave (it grew)
 MAX_PIXELS = 40_000_000  # 40 MP (JPEGs: after DCT downscaling, so any JPEG up to 2560 MP)
 # Peak bytes a decode may take: the decoded array (pixels x channels x bytes per sample)
 # and the decoder's working copies (see decode_bytes). 40 MP of 8-bit RGBA fits; with the
@@ -506,31 +507,63 @@ def _opencv_limit_message(exc: cv2.error) -> str | None:
     )
 
 
-def _read_file(path: Path) -> bytes:
-    """A regular, non-empty file's bytes, up to MAX_FILE_BYTES; ImageError otherwise."""
+def _folder_error(path: Path) -> ImageError:
+    if not os.access(path, os.R_OK | os.X_OK):  # a folder the walk could not enter
+        return ImageError("folder cannot be read (permission denied)")
+    return ImageError("is a folder, not an image file")
+
+
+def _too_large(size: int) -> ImageError:
+    return ImageError(f"file too large ({size / 2**20:.0f} MiB > {MAX_FILE_BYTES / 2**20:.0f} MiB)")
+
+
+def _read_file(path: Path, cap: int = MAX_FILE_BYTES) -> bytes:
+    """A regular, non-empty file's bytes, at most ``cap``; ImageError otherwise.
+
+    Bounded on the open file, not on a stat() before it: opened once, non-blocking (a
+    FIFO put in its place cannot block the open), checked on the descriptor (a regular
+    file, its size), then read up to ``cap + 1`` bytes, so a file swapped for a device
+    or growing meanwhile still stops at the cap.
+    """
     try:
-        st = path.stat()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError as exc:
         raise ImageError("no such file") from exc
+    except IsADirectoryError as exc:
+        raise _folder_error(path) from exc
+    except PermissionError as exc:
+        if path.is_dir():
+            raise _folder_error(path) from exc
+        raise ImageError(f"cannot access: {exc.strerror}") from exc
     except OSError as exc:  # permission denied on a parent folder, name too long, ...
         raise ImageError(f"cannot access: {exc.strerror}") from exc
-    if stat.S_ISDIR(st.st_mode):
-        if not os.access(path, os.R_OK | os.X_OK):  # a folder the walk could not enter
-            raise ImageError("folder cannot be read (permission denied)")
-        raise ImageError("is a folder, not an image file")
-    if not stat.S_ISREG(st.st_mode):  # FIFOs and devices would block or never end
-        raise ImageError("not a regular file")
-    if st.st_size == 0:
-        raise ImageError("empty file (0 bytes)")
-    if st.st_size > MAX_FILE_BYTES:
-        raise ImageError(
-            f"file too large ({st.st_size / 2**20:.0f} MiB > {MAX_FILE_BYTES / 2**20:.0f} MiB)"
-        )
     try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise _folder_error(path)
+        if not stat.S_ISREG(st.st_mode):  # FIFOs and devices would block or never end
+            raise ImageError("not a regular file")
+        if st.st_size > cap:
+            raise _too_large(st.st_size)
         # bytes + imdecode rather than imread: works for any file name, one read, no seeks
-        return path.read_bytes()
+        chunks, got = [], 0
+        while got <= cap:
+            # the size fstat gave (+1 to see the end), then steps: a small file is one
+            # read of its size, not of a 256 MiB buffer
+            chunk = os.read(fd, min(cap + 1 - got, max(st.st_size + 1 - got, READ_STEP)))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
     except OSError as exc:
         raise ImageError(f"cannot read: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    if got > cap:  # it grew while read
+        raise _too_large(got)
+    if got == 0:
+        raise ImageError("empty file (0 bytes)")
+    return b"".join(chunks)
 
 
 JPEG_SCALES = (1, 2, 4, 8)  # libjpeg's DCT scaling: 1/1 .. 1/8 (cv2.IMREAD_REDUCED_*)

@@ -8,6 +8,7 @@ import csv
 import logging
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import typer
 from typer.testing import CliRunner
 
 from flows.cli import predict as predict_cmd
+from tasks.decode import ImageError, _read_file
 from tasks.model import build_model, save_model
 from tasks.predict import predict_paths
 from tasks.prepare_pool import MIN_FILES_FOR_PROCESSES
@@ -283,3 +285,48 @@ def test_out_on_a_full_filesystem_is_one_line_and_keeps_the_old_file(
     assert line.startswith("error: cannot write") and "No space left on device" in line
     assert out.read_text() == "old results\n"
     assert sorted(p.name for p in small_tmpfs.iterdir()) == ["filler", "pred.csv"]
+
+
+# --------------------------------------------------------------------------- 2. reads
+
+
+def test_the_read_is_bounded_not_the_stat() -> None:
+    """/proc files say 0 bytes to stat and give more to read: the read stops at the cap
+    (a file growing while read is the same case)."""
+    with pytest.raises(ImageError, match="file too large"):
+        _read_file(Path("/proc/self/maps"), cap=64)
+    assert len(_read_file(Path("/proc/self/maps"), cap=2**20)) > 64
+
+
+@pytest.mark.timeout(120)  # a read without end (the bug) fails here instead of hanging
+def test_a_file_swapped_for_dev_zero_or_a_fifo_never_hangs(tmp_path: Path) -> None:
+    """Another process keeps replacing the file by /dev/zero, a FIFO and the image again
+    (each a rename over it), while it is decoded: every decode ends with a row."""
+    path, good = tmp_path / "x.png", digit_png()
+    path.write_bytes(good)
+    swapper = subprocess.Popen([sys.executable, "-c", SWAPPER, str(path)])
+    try:
+        results = [prepare_file(path) for _ in range(300)]
+    finally:
+        swapper.kill()
+        swapper.wait()
+    statuses = {(r.status, r.message) for r in results}
+    assert statuses <= {("ok", ""), ("error", "not a regular file")}, statuses
+
+
+SWAPPER = """
+import os, sys
+path = sys.argv[1]
+good = open(path, "rb").read()
+tmp = path + ".new"
+while True:
+    for make in ("zero", "fifo", "good"):
+        if make == "zero":
+            os.symlink("/dev/zero", tmp)
+        elif make == "fifo":
+            os.mkfifo(tmp)
+        else:
+            with open(tmp, "wb") as fh:
+                fh.write(good)
+        os.replace(tmp, path)
+"""
