@@ -5,10 +5,13 @@ decodes bounded per file. Real files, real worker processes, the real CLI."""
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 import subprocess
 import sys
+import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,14 +20,16 @@ import numpy as np
 import pytest
 import torch
 import typer
+from PIL import Image
 from typer.testing import CliRunner
 
 from flows.cli import predict as predict_cmd
-from tasks.decode import ImageError, _read_file
+from tasks.decode import ImageError, _read_file, load_image
 from tasks.model import build_model, save_model
 from tasks.predict import predict_paths
 from tasks.prepare_pool import MIN_FILES_FOR_PROCESSES
 from tasks.preprocess import prepare_file
+from tests.memory import digitflow_argv, peak_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -330,3 +335,81 @@ while True:
                 fh.write(good)
         os.replace(tmp, path)
 """
+
+
+# --------------------------------------------------------------------------- 3. decode cost
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    crc = zlib.crc32(kind + body).to_bytes(4, "big")
+    return len(body).to_bytes(4, "big") + kind + body + crc
+
+
+def chunk_length_lie() -> bytes:
+    """A PNG whose second chunk's length field says 2 GiB - 1, followed by 1 MiB."""
+    return digit_png()[:33] + (2**31 - 1).to_bytes(4, "big") + b"tEXt" + b"a" * 2**20
+
+
+def idat_bomb(extra: int = 2**28) -> bytes:
+    """1000x1000 gray whose image data inflates to ``extra`` bytes more than it needs."""
+    width = height = 1000
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    comp = zlib.compressobj(9)
+    parts = [comp.compress(bytes((width + 1) * height))]
+    parts += [comp.compress(bytes(2**24)) for _ in range(extra // 2**24)]
+    parts.append(comp.flush())
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
+            + _png_chunk(b"IDAT", b"".join(parts)) + _png_chunk(b"IEND", b""))  # fmt: skip
+
+
+def many_scans(n: int = 2000) -> bytes:
+    """A progressive JPEG whose first scan is repeated: ``n`` scans in all."""
+    img = cv2.cvtColor(cv2.imdecode(np.frombuffer(digit_png(), np.uint8), 0), cv2.COLOR_GRAY2RGB)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", progressive=True, quality=90)
+    data = buf.getvalue()
+    first = data.index(b"\xff\xda")
+    second = data.index(b"\xff\xda", first + 2)
+    others = data.count(b"\xff\xda") - 1
+    return data[:second] + data[first:second] * (n - 1 - others) + data[second:]
+
+
+def test_decode_cost_is_bounded_per_file(tmp_path: Path, model_file: Path) -> None:
+    """Small files whose decoding would cost gigabytes or minutes: error rows, quickly,
+    the good file's row unchanged; the peak memory measured in the command's own process."""
+    files = {"chunk_lie.png": chunk_length_lie(), "idat_bomb.png": idat_bomb(),
+             "scans.jpg": many_scans(), "good.png": digit_png()}  # fmt: skip
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    assert all(len(d) < 2**21 for d in files.values())  # small files, all of them
+    out, peak = tmp_path / "out.csv", tmp_path / "peak"
+    args = ["predict", *(str(tmp_path / n) for n in files), "--model", str(model_file),
+            "--out", str(out), "--no-progress"]  # fmt: skip
+
+    t0 = time.perf_counter()
+    done = subprocess.run(digitflow_argv(peak, args), capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - t0
+
+    assert done.returncode == 1, done.stderr
+    rows = {Path(r["path"]).name: r for r in read_csv(out)}
+    assert rows["good.png"]["status"] == "ok"
+    assert "runs past the end" in rows["chunk_lie.png"]["message"]
+    assert "decompression bomb" in rows["idat_bomb.png"]["message"]
+    assert "2000 scans" in rows["scans.jpg"]["message"]
+    assert seconds < 30  # mostly the start (torch); before: 2 GiB allocated per decode
+    assert peak_mb(peak) < 1200  # a predict run is ~0.6 GB; before: 2.6 GB
+
+
+def test_png_checks_pass_good_pngs(tmp_path: Path) -> None:
+    """Interlaced, 16-bit, palette and RGBA PNGs inflate to exactly what they need."""
+    rgba = np.random.default_rng(0).integers(0, 256, (37, 53, 4), dtype=np.uint8)
+    variants = {
+        "interlaced.png": (Image.fromarray(rgba), {"interlace": 1}),
+        "palette.png": (Image.fromarray(rgba[:, :, :3]).convert("P"), {}),
+        "rgba.png": (Image.fromarray(rgba), {}),
+        "gray16.png": (Image.fromarray(rgba[:, :, 0].astype(np.uint16) * 257), {}),
+        "bilevel.png": (Image.fromarray(rgba[:, :, 0] > 128), {}),
+    }
+    for name, (im, options) in variants.items():
+        im.save(tmp_path / name, **options)
+        assert load_image(tmp_path / name).size > 0, name
