@@ -5,11 +5,13 @@ decodes bounded per file. Real files, real worker processes, the real CLI."""
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from collections.abc import Iterator
@@ -20,6 +22,8 @@ import numpy as np
 import pytest
 import torch
 import typer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -413,3 +417,80 @@ def test_png_checks_pass_good_pngs(tmp_path: Path) -> None:
     for name, (im, options) in variants.items():
         im.save(tmp_path / name, **options)
         assert load_image(tmp_path / name).size > 0, name
+
+
+# --------------------------------------------------------------------------- property
+
+
+@functools.cache
+def hostile_files() -> dict[str, bytes | str]:
+    """name -> content (bytes) or a special kind ("fifo", "dev-zero", "nul-name")."""
+    return {
+        "banner.png": banner_png(),
+        "uniform.png": uniform_colour_png(),
+        "chunk_lie.png": chunk_length_lie(),
+        "idat_bomb.png": idat_bomb(2**25),
+        "scans.jpg": many_scans(300),
+        "cut.png": digit_png()[:200],
+        "empty.png": b"",
+        "text.png": b"not an image\n",
+        "fifo.png": "fifo",
+        "zero.png": "dev-zero",
+        "nul.png": "nul-name",
+    }
+
+
+GOOD = {f"good{d}.png": d for d in range(4)}
+
+
+def _materialize(folder: Path, names: list[str]) -> list[str]:
+    """The files ``names`` in ``folder``, as the paths to pass to predict."""
+    paths = []
+    for name in names:
+        path = folder / name
+        content = GOOD.get(name)
+        special = hostile_files().get(name)
+        if content is not None:
+            path.write_bytes(digit_png(content))
+        elif special == "fifo":
+            os.mkfifo(path)
+        elif special == "dev-zero":
+            path.symlink_to("/dev/zero")
+        elif special == "nul-name":
+            path = folder / "nul\0.png"
+        else:
+            assert isinstance(special, bytes)
+            path.write_bytes(special)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.mark.timeout(300)
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    good=st.lists(st.sampled_from(sorted(GOOD)), min_size=1, max_size=3, unique=True),
+    hostile=st.lists(st.sampled_from(sorted(hostile_files())), max_size=5, unique=True),
+)
+def test_hostile_files_never_change_the_good_rows(
+    model_file: Path, good: list[str], hostile: list[str]
+) -> None:
+    """One row per file, whatever the mix; the good files' rows as in a run without the rest."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "mixed").mkdir()
+        (root / "alone").mkdir()
+        mixed = _materialize(root / "mixed", good + hostile)
+        alone = _materialize(root / "alone", good)
+        predict_paths(mixed, model_file, root / "mixed.csv", workers=2, progress=False)
+        predict_paths(alone, model_file, root / "alone.csv", workers=2, progress=False)
+        mixed_rows = read_csv(root / "mixed.csv")
+        alone_rows = read_csv(root / "alone.csv")
+
+    assert len(mixed_rows) == len(mixed)
+    assert sorted(r["path"] for r in mixed_rows) == sorted(mixed)
+    by_name = {Path(r["path"]).name: {k: v for k, v in r.items() if k != "path"}
+               for r in mixed_rows}  # fmt: skip
+    for row in alone_rows:
+        assert by_name[Path(row["path"]).name] == {k: v for k, v in row.items() if k != "path"}
+    assert all(by_name[Path(p).name]["status"] != "ok" for p in mixed[len(good) :]
+               if Path(p).name not in ("banner.png",))  # fmt: skip
