@@ -65,11 +65,11 @@ from tasks.model import ModelFileError
 from tasks.predict import (
     DEFAULT_REVIEW_BELOW,
     INFER_SLICE,
-    PROB_DECIMALS,
     Classifier,
     Row,
     RowWriter,
     needs_review,
+    prediction_row,
 )
 from tasks.preprocess import MNIST_SIZE, Prepared, encode_png, prepare_file, set_opencv_threads
 
@@ -538,13 +538,7 @@ def make_rows(
         if prep.image is None:
             rows.append(Row(name, prep.status, prep.message))
             continue
-        p = next(ok)
-        k = int(np.argmax(p))
-        rows.append(
-            Row(
-                name, "ok", "", classes[k], float(p[k]), [round(float(v), PROB_DECIMALS) for v in p]
-            )
-        )
+        rows.append(prediction_row(name, next(ok), classes))
     return rows
 
 

@@ -76,7 +76,9 @@ def batch_predict(
     log = get_run_logger()
     if chunk_size < 1:
         raise PredictUsageError(f"chunk size must be >= 1, got {chunk_size}")
-    planned = plan_inputs(inputs, Path(out_path), fmt, batch_size, workers, debug_dir)
+    planned = plan_inputs(
+        inputs, Path(out_path), fmt, batch_size, workers, debug_dir, Path(model_path)
+    )
     paths = planned.paths
     # refuse a bad model here, once, rather than in every chunk task
     loaded = load_model(Path(model_path))

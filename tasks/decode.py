@@ -33,12 +33,14 @@ import stat
 import struct
 import threading
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 # Decoding limits, per image. A worker holds at most one decoded image at a time.
 MAX_FILE_BYTES = 256 * 2**20  # a bigger file is not a digit photo; refuse before reading it
+READ_STEP = 2**20  # bytes per read once a file is past the size fstat gave (it grew)
 MAX_PIXELS = 40_000_000  # 40 MP (JPEGs: after DCT downscaling, so any JPEG up to 2560 MP)
 # Peak bytes a decode may take: the decoded array (pixels x channels x bytes per sample)
 # and the decoder's working copies (see decode_bytes). 40 MP of 8-bit RGBA fits; with the
@@ -362,6 +364,98 @@ def _jpeg_complete(data: bytes) -> bool:
     return sos >= 0 and data.find(b"\xff\xd9", sos) >= 0
 
 
+# A progressive JPEG's decoder passes over every coefficient once a scan: the usual
+# scripts have 10 (colour) or 6 (gray), optimizers (jpegtran, mozjpeg) a few dozen; 5,000
+# scans in a 1.5 MB file cost minutes. Counted from the markers before decoding.
+MAX_JPEG_SCANS = 100
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RSTn, SOI: no length field
+
+
+def _jpeg_scans(data: bytes) -> int:
+    """How many scans (SOS markers) a JPEG has; an upper bound where its header is odd.
+
+    The header's segments are skipped by their lengths (an EXIF thumbnail holds a JPEG
+    of its own); from the first scan on, 0xFF is byte-stuffed in entropy-coded data, so
+    every 0xFFDA left is a scan's start.
+    """
+    pos = len(JPEG_SIGNATURE)
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xDA:
+            return 1 + data.count(b"\xff\xda", pos + 2)
+        if marker == 0xFF:  # a fill byte before a marker
+            pos += 1
+        elif marker in _JPEG_STANDALONE:
+            pos += 2
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return data.count(b"\xff\xda")
+
+
+PNG_MAX_CHUNK = 2**31 - 1  # the PNG spec's limit on a chunk's length field
+PNG_INFLATE_STEP = 2**20  # bytes inflated at a time while checking a PNG's image data
+# samples per pixel of each PNG colour type: gray, RGB, palette, gray + alpha, RGBA
+_PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+# Adam7's passes: (x0, y0, dx, dy)
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+          (0, 1, 1, 2))  # fmt: skip
+
+
+def png_raw_bytes(width: int, height: int, depth: int, colour: int, interlaced: bool) -> int:
+    """Bytes a PNG's image data inflates to: rows of filter byte + packed samples, per pass."""
+    bits = _PNG_SAMPLES.get(colour, 4) * depth
+    passes = _ADAM7 if interlaced else ((0, 0, 1, 1),)
+    total = 0
+    for x0, y0, dx, dy in passes:
+        w, h = -(-(width - x0) // dx), -(-(height - y0) // dy)
+        if w > 0 and h > 0:
+            total += h * (1 + -(-w * bits // 8))
+    return total
+
+
+def _png_problem(data: bytes) -> str | None:
+    """What makes a PNG cost more than its header says, before libpng sees it; None if nothing.
+
+    A chunk whose length runs past the end of the file (OpenCV allocates what the field
+    says, up to 2 GiB, before it finds the data missing), or image data (IDAT) that
+    inflates to more than the image needs (libpng inflates all of it: a 1 MB file can
+    be gigabytes of work). The image data is inflated here in steps and only up to twice
+    what the header needs, then dropped; a zlib error is left to the decoder to report.
+    """
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        return None  # no header to check against: the decoder refuses it
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    need = png_raw_bytes(width, height, data[24], data[25], data[28] == 1)
+    limit = 2 * need  # libpng tolerates some extra data; twice the image bounds its cost
+    view = memoryview(data)
+    inflater, inflated, zlib_ok = zlib.decompressobj(), 0, True
+    pos = len(_PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind = data[pos + 4 : pos + 8]
+        end = pos + 12 + length  # length, type, data, CRC
+        if length > PNG_MAX_CHUNK or end > len(data):
+            return "corrupt or truncated PNG (a chunk runs past the end of the file)"
+        if kind == b"IDAT" and zlib_ok and not inflater.eof:
+            pending = view[pos + 8 : pos + 8 + length]
+            try:
+                while pending and inflated <= limit and not inflater.eof:
+                    step = min(PNG_INFLATE_STEP, limit + 1 - inflated)
+                    inflated += len(inflater.decompress(pending, step))
+                    pending = inflater.unconsumed_tail
+            except zlib.error:
+                zlib_ok = False  # corrupt data: the decoder says so
+            if inflated > limit:
+                return (
+                    f"PNG image data inflates past what its {width}x{height} pixels need "
+                    f"(over {_mb(limit)}): a decompression bomb"
+                )
+        elif kind == b"IEND":
+            break
+        pos = end
+    return None
+
+
 # libjpeg's warnings for corrupt data (it decodes on, filling what is missing with grey):
 # "Corrupt JPEG data: premature end of data segment", "... bad Huffman code", "... N
 # extraneous bytes before marker", "Premature end of JPEG file". Other warnings (an
@@ -506,31 +600,63 @@ def _opencv_limit_message(exc: cv2.error) -> str | None:
     )
 
 
-def _read_file(path: Path) -> bytes:
-    """A regular, non-empty file's bytes, up to MAX_FILE_BYTES; ImageError otherwise."""
+def _folder_error(path: Path) -> ImageError:
+    if not os.access(path, os.R_OK | os.X_OK):  # a folder the walk could not enter
+        return ImageError("folder cannot be read (permission denied)")
+    return ImageError("is a folder, not an image file")
+
+
+def _too_large(size: int) -> ImageError:
+    return ImageError(f"file too large ({size / 2**20:.0f} MiB > {MAX_FILE_BYTES / 2**20:.0f} MiB)")
+
+
+def _read_file(path: Path, cap: int = MAX_FILE_BYTES) -> bytes:
+    """A regular, non-empty file's bytes, at most ``cap``; ImageError otherwise.
+
+    Bounded on the open file, not on a stat() before it: opened once, non-blocking (a
+    FIFO put in its place cannot block the open), checked on the descriptor (a regular
+    file, its size), then read up to ``cap + 1`` bytes, so a file swapped for a device
+    or growing meanwhile still stops at the cap.
+    """
     try:
-        st = path.stat()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError as exc:
         raise ImageError("no such file") from exc
+    except IsADirectoryError as exc:
+        raise _folder_error(path) from exc
+    except PermissionError as exc:
+        if path.is_dir():
+            raise _folder_error(path) from exc
+        raise ImageError(f"cannot access: {exc.strerror}") from exc
     except OSError as exc:  # permission denied on a parent folder, name too long, ...
         raise ImageError(f"cannot access: {exc.strerror}") from exc
-    if stat.S_ISDIR(st.st_mode):
-        if not os.access(path, os.R_OK | os.X_OK):  # a folder the walk could not enter
-            raise ImageError("folder cannot be read (permission denied)")
-        raise ImageError("is a folder, not an image file")
-    if not stat.S_ISREG(st.st_mode):  # FIFOs and devices would block or never end
-        raise ImageError("not a regular file")
-    if st.st_size == 0:
-        raise ImageError("empty file (0 bytes)")
-    if st.st_size > MAX_FILE_BYTES:
-        raise ImageError(
-            f"file too large ({st.st_size / 2**20:.0f} MiB > {MAX_FILE_BYTES / 2**20:.0f} MiB)"
-        )
     try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise _folder_error(path)
+        if not stat.S_ISREG(st.st_mode):  # FIFOs and devices would block or never end
+            raise ImageError("not a regular file")
+        if st.st_size > cap:
+            raise _too_large(st.st_size)
         # bytes + imdecode rather than imread: works for any file name, one read, no seeks
-        return path.read_bytes()
+        chunks, got = [], 0
+        while got <= cap:
+            # the size fstat gave (+1 to see the end), then steps: a small file is one
+            # read of its size, not of a 256 MiB buffer
+            chunk = os.read(fd, min(cap + 1 - got, max(st.st_size + 1 - got, READ_STEP)))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
     except OSError as exc:
         raise ImageError(f"cannot read: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    if got > cap:  # it grew while read
+        raise _too_large(got)
+    if got == 0:
+        raise ImageError("empty file (0 bytes)")
+    return b"".join(chunks)
 
 
 JPEG_SCALES = (1, 2, 4, 8)  # libjpeg's DCT scaling: 1/1 .. 1/8 (cv2.IMREAD_REDUCED_*)
@@ -586,6 +712,11 @@ def load_image(
         if header.format == "jpeg":
             if not _jpeg_complete(data):
                 raise ImageError("truncated JPEG (no end-of-image marker)")
+            scans = _jpeg_scans(data)
+            if scans > MAX_JPEG_SCANS:
+                raise ImageError(
+                    f"JPEG with {scans} scans (over {MAX_JPEG_SCANS}): too costly to decode"
+                )
             factor = jpeg_scale(header.width, header.height, max_side, max_pixels)
             if pixels / factor**2 > max_pixels:
                 raise ImageError(
@@ -607,6 +738,10 @@ def load_image(
                 f"decode; limits {_mp(max_pixels)}, {_mb(max_bytes)}); downscale it or "
                 "save it as JPEG"
             )
+    if data.startswith(_PNG_SIGNATURE):
+        problem = _png_problem(data)
+        if problem is not None:
+            raise ImageError(problem)
     corrupt = ""
     try:
         if data.startswith(JPEG_SIGNATURE):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import functools
 import glob
 import heapq
@@ -34,7 +35,7 @@ from tqdm import tqdm
 
 from tasks.decode import read_header
 from tasks.digits import N_CLASSES
-from tasks.errors import DigitflowError
+from tasks.errors import DigitflowError, WorkError
 from tasks.io import atomic_open
 from tasks.prepare_pool import (
     IMAGE_SUFFIXES,
@@ -60,6 +61,7 @@ DEFAULT_REVIEW_BELOW = 0.9
 # bytes read to tell an image from another file in a folder walk: every header read_header
 # knows fits (a TIFF whose directory lies further on, named without .tif, counts as other)
 SNIFF_BYTES = 4096
+NON_FINITE_MESSAGE = "the network's output is not finite (NaN or infinity): no prediction"
 JIT_DEPRECATION = r"`torch\.jit\.\w+` is deprecated"  # torch.jit FutureWarnings
 INFER_SLICE = 64  # images per network call (see Classifier.probabilities)
 HELD_ROWS_PER_IMAGE = 4  # rows held back for a batch: at most 4 x batch_size (bounded memory)
@@ -73,6 +75,14 @@ JSON_LINE_BREAKS = str.maketrans({c: f"\\u{ord(c):04x}" for c in "\x85\u2028\u20
 
 class PredictUsageError(DigitflowError, ValueError):
     """The command cannot run at all (no inputs, bad options); exit code 2."""
+
+
+class PredictOutputError(WorkError):
+    """The output file could not be written (a full disk); exit code 1, the old file kept."""
+
+
+# errors of writing a file that are no bug: the output's file system refused the bytes
+OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
 
 
 @dataclass
@@ -205,6 +215,9 @@ class Inputs:
 
     paths: list[str]
     skipped: int = 0
+    # the output file, where an input named it or a folder walk found it as an image: the
+    # run would replace an input (plan_inputs refuses it)
+    out_among: list[str] = field(default_factory=list)
 
 
 def expand_inputs(inputs: Iterable[Path | str], exclude: Iterable[Path] = ()) -> Inputs:
@@ -224,7 +237,13 @@ def expand_inputs(inputs: Iterable[Path | str], exclude: Iterable[Path] = ()) ->
         if os.path.isdir(arg) and not is_image_named_dir(arg):
             matches: Iterable[str] = [arg]
         elif not os.path.lexists(arg) and glob.has_magic(arg):
-            matches = glob.glob(arg, recursive=True) or [arg]
+            try:
+                matches = glob.glob(arg, recursive=True) or [arg]
+            except RecursionError as exc:  # glob's ** recurses once a level (Python 3.11)
+                raise PredictUsageError(
+                    f"pattern {arg}: the folders are too deep for **; pass the folder "
+                    "itself (folders are searched at any depth)"
+                ) from exc
         else:
             matches = [arg]
         for m in matches:
@@ -234,12 +253,13 @@ def expand_inputs(inputs: Iterable[Path | str], exclude: Iterable[Path] = ()) ->
                 found.add(os.path.normpath(m))
     others = {p for p in walked - found if is_other_file(p)}
     # realpath (a few syscalls) only for files named like an excluded one
-    paths = sorted(
+    dropped = {
         p
         for p in (found | walked) - others
-        if os.path.basename(p) not in excluded_names or os.path.realpath(p) not in excluded
-    )
-    return Inputs(paths, skipped=len(others))
+        if os.path.basename(p) in excluded_names and os.path.realpath(p) in excluded
+    }
+    paths = sorted((found | walked) - others - dropped)
+    return Inputs(paths, skipped=len(others), out_among=sorted(dropped))
 
 
 # --------------------------------------------------------------------------- inference
@@ -342,6 +362,19 @@ def _frozen(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor],
         return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
 
 
+def prediction_row(path: str, probs: np.ndarray, classes: list[str]) -> Row:
+    """The row of an image the network saw: ``ok``, or ``error`` when ``probs`` is not finite.
+
+    Finite weights can still overflow on some input (NaN or infinite logits): such an
+    output is no prediction, whatever argmax would say.
+    """
+    if not np.isfinite(probs).all():
+        return Row(path, "error", NON_FINITE_MESSAGE)
+    k = int(np.argmax(probs))
+    rounded = [round(float(v), PROB_DECIMALS) for v in probs]
+    return Row(path, "ok", "", classes[k], float(probs[k]), rounded)
+
+
 def iter_predictions(
     paths: Sequence[str],
     classifier: Classifier,
@@ -367,12 +400,7 @@ def iter_predictions(
             if prep.image is None:
                 yield Row(path, prep.status, prep.message)
                 continue
-            p = next(probs)
-            k = int(np.argmax(p))
-            yield Row(
-                path, "ok", "", classifier.classes[k], float(p[k]),
-                [round(float(v), PROB_DECIMALS) for v in p],
-            )  # fmt: skip
+            yield prediction_row(path, next(probs), classifier.classes)
 
     if stream is None:
         stream = PreparedStream(paths, workers, preprocess, debug_dir, index_offset)
@@ -494,10 +522,46 @@ def _check_folder_writable(folder: Path, what: str) -> None:
     os.unlink(probe)
 
 
+def _check_out_file(out_path: Path, model_path: Path | None) -> None:
+    """PredictUsageError unless ``out_path`` is absent or a regular file other than the model.
+
+    A symlink is refused, not followed: the atomic rename would replace the link itself
+    and leave its target with stale results, and writing through it would change a file
+    elsewhere; the message names the target to pass instead.
+    """
+    if not os.path.lexists(out_path):
+        return
+    st = os.lstat(out_path)
+    if stat.S_ISLNK(st.st_mode):
+        raise PredictUsageError(
+            f"output path {out_path} is a symlink (to {os.path.realpath(out_path)}): "
+            "pass the file itself"
+        )
+    if stat.S_ISDIR(st.st_mode):
+        raise PredictUsageError(f"output path {out_path} is a folder")
+    if not stat.S_ISREG(st.st_mode):
+        raise PredictUsageError(f"output path {out_path} is not a regular file")
+    if (
+        model_path is not None
+        and os.path.exists(model_path)
+        and os.path.samefile(out_path, model_path)
+    ):
+        raise PredictUsageError(f"output path {out_path} is the model file")
+
+
 def check_options(
-    out_path: Path, fmt: str, batch_size: int, workers: int, debug_dir: Path | None = None
+    out_path: Path,
+    fmt: str,
+    batch_size: int,
+    workers: int,
+    debug_dir: Path | None = None,
+    model_path: Path | None = None,
 ) -> None:
-    """Raise PredictUsageError for options that cannot work, before any work is done."""
+    """Raise PredictUsageError for options that cannot work, before any work is done.
+
+    ``--out`` must be absent or a regular file, not a symlink, not the model file
+    (``model_path``); plan_inputs also refuses one that is an input.
+    """
     if fmt not in FORMATS:
         raise PredictUsageError(f"unknown output format {fmt!r} (use one of {FORMATS})")
     if batch_size < 1:
@@ -505,8 +569,7 @@ def check_options(
     if workers < 1:
         raise PredictUsageError(f"workers must be >= 1, got {workers}")
     out_path = Path(out_path)
-    if out_path.is_dir():
-        raise PredictUsageError(f"output path {out_path} is a folder")
+    _check_out_file(out_path, model_path)
     _check_folder_writable(out_path.absolute().parent, f"output path {out_path}")
     if debug_dir is not None:
         _check_folder_writable(Path(debug_dir).absolute(), f"debug folder {debug_dir}")
@@ -522,14 +585,21 @@ def plan_inputs(
     batch_size: int,
     workers: int,
     debug_dir: Path | None = None,
+    model_path: Path | None = None,
 ) -> Inputs:
     """Check the options, then expand ``inputs``: the sorted files to classify.
 
     The first step of `digitflow predict` and of the batch_predict flow. Raises
-    PredictUsageError for options that cannot work and when there is nothing to do.
+    PredictUsageError for options that cannot work (``--out`` one of the inputs or the
+    model, see check_options) and when there is nothing to do. An earlier output found
+    in an input folder (a CSV, not an image) is left out of the inputs, not refused.
     """
-    check_options(out_path, fmt, batch_size, workers, debug_dir)
+    check_options(out_path, fmt, batch_size, workers, debug_dir, model_path)
     planned = expand_inputs(inputs, exclude=[out_path])
+    if planned.out_among:
+        raise PredictUsageError(
+            f"output path {out_path} is one of the inputs ({planned.out_among[0]})"
+        )
     if not planned.paths:
         raise PredictUsageError(
             f"no input files (the folders are empty or hold only hidden files"
@@ -555,15 +625,23 @@ def write_predictions(
     terminal). Each row's ``review`` flag is set here (needs_review, ``review_below``).
     """
     summary = PredictSummary(out_path=Path(out_path))
-    with (
-        progress_bar(total, progress, desc) as bar,
-        open_output(Path(out_path), fmt, n_classes) as writer,
-    ):
-        for row in rows:
-            row.review = needs_review(row, review_below)
-            writer.write(row)
-            summary.count(row)
-            bar.update(1)
+    try:
+        with (
+            progress_bar(total, progress, desc) as bar,
+            open_output(Path(out_path), fmt, n_classes) as writer,
+        ):
+            for row in rows:
+                row.review = needs_review(row, review_below)
+                writer.write(row)
+                summary.count(row)
+                bar.update(1)
+    except OSError as exc:
+        if exc.errno not in OUTPUT_ERRNOS:
+            raise
+        raise PredictOutputError(
+            f"cannot write {out_path}: {exc.strerror}; nothing written "
+            "(an earlier file there is kept)"
+        ) from exc
     return summary
 
 
@@ -586,7 +664,9 @@ def predict_paths(
     a row with status "error" or "empty" and a message.
     """
     t0 = time.perf_counter()
-    planned = plan_inputs(inputs, Path(out_path), fmt, batch_size, workers, debug_dir)
+    planned = plan_inputs(
+        inputs, Path(out_path), fmt, batch_size, workers, debug_dir, Path(model_path)
+    )
     paths = planned.paths
     debug = None if debug_dir is None else Path(debug_dir)
     stream = None

@@ -21,11 +21,13 @@ This module imports no torch: the workers stay small.
 from __future__ import annotations
 
 import glob
+import logging
 import multiprocessing
 import os
 import re
 import signal
 import threading
+import traceback
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -54,7 +56,13 @@ IN_FLIGHT_PER_WORKER = 16
 # to start for one photo (a forkserver and its workers take ~0.5 s of CPU to start).
 MIN_FILES_FOR_PROCESSES = 2 * DECODE_CHUNK
 MNIST_SHAPE = (28, 28)  # a Prepared image
+# bytes of the input's name kept in a debug image's name: with the index and ".png",
+# well under NAME_MAX (255 bytes on Linux and macOS file systems)
+DEBUG_NAME_BYTES = 200
 
+log = logging.getLogger(__name__)
+_logged_bugs: set[tuple[str, str, int]] = set()  # (exception type, file, line) logged here
+_logged_lock = threading.Lock()
 _pools: dict[int, ProcessPoolExecutor] = {}  # worker count -> this process's pool
 _pools_lock = threading.Lock()
 
@@ -67,26 +75,59 @@ def is_image_named_dir(path: str) -> bool:
 def debug_name(index: int, path: str) -> str:
     """A safe, unique file name for the debug image of input number ``index``."""
     name = os.path.basename(path).encode("utf-8", "backslashreplace").decode("utf-8")
-    safe = re.sub(r"[^\w.-]", "_", name)[:100]
+    safe = re.sub(r"[^\w.-]", "_", name)
+    # cut by bytes, not characters: 100 CJK characters are 300 bytes, past NAME_MAX (255)
+    safe = safe.encode("utf-8")[:DEBUG_NAME_BYTES].decode("utf-8", "ignore")
     return f"{index:07d}_{safe}.png"
+
+
+def _prepare_one(path: str, index: int, preprocess: bool, debug_dir: Path | None) -> Prepared:
+    """Decode + preprocess one file, its debug image written; bad input is a row, not a raise."""
+    prep = prepare_file(path, preprocess=preprocess)
+    if prep.status == "error" and prep.message == "no such file" and glob.has_magic(path):
+        prep = Prepared(None, "error", "no file matches this pattern")
+    elif prep.message.startswith("is a folder") and not is_image_named_dir(path):
+        real = os.path.realpath(path)
+        if real != os.path.abspath(path):  # the walk reached it again through a symlink
+            message = f"symlink to a folder already searched ({real}): not searched twice"
+            prep = Prepared(None, "error", message)
+    if debug_dir is not None and prep.image is not None:
+        try:
+            (debug_dir / debug_name(index, path)).write_bytes(encode_png(prep.image))
+        except OSError as exc:  # a full disk, a folder removed meanwhile
+            return Prepared(None, "error", f"cannot write its debug image: {exc.strerror or exc}")
+    return prep
+
+
+def _bug_row(path: str, exc: Exception) -> Prepared:
+    """The row of a file whose decoding or preprocessing raised (a bug, not bad input).
+
+    The batch goes on; the bug is logged with its traceback once per process and place
+    it was raised from (a folder of such files logs it once, not once a file).
+    """
+    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    where = (type(exc).__name__, frame.filename, frame.lineno or 0) if frame else None
+    with _logged_lock:
+        first = where not in _logged_bugs
+        _logged_bugs.add(where or (type(exc).__name__, "", 0))
+    if first:
+        log.error("internal error on %s (logged once; its row says so)", path, exc_info=exc)
+    return Prepared(None, "error", f"internal error: {type(exc).__name__}: {exc}")
 
 
 def prepare_chunk(
     paths: Sequence[str], start: int, preprocess: bool, debug_dir: Path | None
 ) -> list[Prepared]:
-    """Decode + preprocess a few files (in a worker process or a pool thread)."""
+    """Decode + preprocess a few files (in a worker process or a pool thread).
+
+    Never raises for one file: whatever goes wrong with it becomes its error row.
+    """
     out = []
     for i, path in enumerate(paths):
-        prep = prepare_file(path, preprocess=preprocess)
-        if prep.status == "error" and prep.message == "no such file" and glob.has_magic(path):
-            prep = Prepared(None, "error", "no file matches this pattern")
-        elif prep.message.startswith("is a folder") and not is_image_named_dir(path):
-            real = os.path.realpath(path)
-            if real != os.path.abspath(path):  # the walk reached it again through a symlink
-                message = f"symlink to a folder already searched ({real}): not searched twice"
-                prep = Prepared(None, "error", message)
-        if debug_dir is not None and prep.image is not None:
-            (debug_dir / debug_name(start + i, path)).write_bytes(encode_png(prep.image))
+        try:
+            prep = _prepare_one(path, start + i, preprocess, debug_dir)
+        except Exception as exc:  # a bug on one odd file must not end the batch: its row
+            prep = _bug_row(path, exc)
         out.append(prep)
     return out
 

@@ -97,6 +97,7 @@ LINE_OVERHANG_CELLS = 3
 LINE_FAMILY = 2
 BACKGROUND_SIDE = 64  # shading is estimated on a 64 px thumbnail (it varies slowly) ...
 MIN_PAPER_SHARE = 0.2  # ... from its paper pixels, when they are at least a fifth of it
+QUADRATIC_MIN_SIDE = 3  # rows and columns a quadratic surface needs (fewer: a singular fit)
 BLUR_PER_PX = 1 / 400  # denoising sigma per pixel of the longer side (0.8 px at 320)
 NEAR_MNIST_INK = 64  # a 28x28 input is MNIST-like when its ink (>= 64) box is ...
 NEAR_MNIST_SIDES = (17, 21)  # ... 17-21 px on the longer side (20 in 99.9% of MNIST) ...
@@ -260,13 +261,20 @@ def _paper_surface(ink: np.ndarray) -> np.ndarray:
         (level,) = _percentiles(_histogram(ink), 50)
         return np.full_like(ink, level)
     th, tw = thumb.shape
+    if min(th, tw) < QUADRATIC_MIN_SIDE:  # a banner: too few rows (or columns) for a quadratic
+        (level,) = _percentiles(_histogram(ink), 50)
+        return np.full_like(ink, level)
     ys, xs = np.mgrid[:th, :tw].astype(np.float32)
     ys, xs = ys / th - 0.5, xs / tw - 0.5
     terms = np.stack([np.ones_like(xs), xs, ys, xs * xs, ys * ys, xs * ys], axis=-1)  # (th, tw, 6)
     a, b = terms[paper], thumb[paper].astype(np.float32)
     # normal equations: a 6x6 solve, 100x faster than lstsq's SVD here; the centred
     # coordinates keep it well conditioned
-    coef = np.linalg.solve(a.T @ a, a.T @ b)
+    gram = a.T @ a
+    if np.linalg.matrix_rank(gram) < gram.shape[0]:  # paper on too few rows or columns
+        (level,) = _percentiles(_histogram(ink), 50)
+        return np.full_like(ink, level)
+    coef = np.linalg.solve(gram, a.T @ b)
     surface = np.clip(terms @ coef, 0, 255).astype(np.uint8)  # (th, tw)
     return cv2.resize(surface, (w, h), interpolation=cv2.INTER_LINEAR)
 
@@ -397,7 +405,8 @@ def _ink_channel(img: np.ndarray, colour: bool = True) -> np.ndarray:
         return gray
     scores |= {name: _contrast_to_noise(c) for name, c in candidates.items() if name != "gray"}
     best = max(scores, key=scores.__getitem__)
-    if scores[best] < COLOUR_GAIN * scores["gray"]:
+    # gray also wins ties: a uniform image scores 0 everywhere, and "gray" comes first
+    if best == "gray" or scores[best] < COLOUR_GAIN * scores["gray"]:
         return gray
     if best == "paper distance":
         return _paper_distance(img, paper)

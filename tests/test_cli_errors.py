@@ -121,6 +121,7 @@ EXPECTED_ERRORS = [
     ("flows.retrain", "RetrainError", USAGE_EXIT),
     ("tasks.idx", "IdxError", WORK_EXIT),
     ("tasks.data", "DatasetError", WORK_EXIT),
+    ("tasks.predict", "PredictOutputError", WORK_EXIT),  # the output's disk is full
 ]
 
 
