@@ -218,7 +218,6 @@ def test_help_names_values_as_a_person_would(command: str) -> None:
     assert result.exit_code == 0, result.output
     usage = result.output.strip().splitlines()[0]
     assert not re.search(r"[{}<>]", usage), usage
-    options = result.output[result.output.index("Options") :]
-    assert not re.search(r"<(bool|path|str|int|float|list)\b", options), options
+    assert not re.search(r"<(bool|path|str|int|float|list)\b", result.output), result.output
     main = runner.invoke(app, ["--help"], env={"COLUMNS": "100"}).output
     assert "<bool>" not in main and "--version" in main

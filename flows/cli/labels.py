@@ -40,7 +40,7 @@ def _from_csv(path: Path) -> list[tuple[Path, str]]:
 @expected_errors
 def label(
     files: Annotated[
-        list[Path] | None, typer.Argument(metavar="FILES...", help="images to label")
+        list[Path] | None, typer.Argument(metavar="FILES...", hidden=True)  # see predict's PathsArg
     ] = None,
     as_label: Annotated[
         int | None, typer.Option("--as", metavar="DIGIT", min=0, max=9, help="their label, 0-9")
@@ -53,7 +53,10 @@ def label(
         Path | None, typer.Option(metavar="DIR", help="the inbox (default: the project's)")
     ] = None,
 ) -> None:
-    """Copy images into data/labeled/<label>/ under a content-hash name (deduplicated)."""
+    """Copy images into data/labeled/<label>/ under a content-hash name (deduplicated).
+
+    FILES: the images to label, all with the one label --as gives.
+    """
     from tasks.labels import NotAnImage, label_file
 
     if bool(files) == (from_csv is not None) or bool(files) != (as_label is not None):

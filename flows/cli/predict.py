@@ -35,9 +35,11 @@ class OutputFormat(StrEnum):
     jsonl = "jsonl"
 
 
+# Hidden from the Arguments panel, where Typer would name it by its Python type
+# (<list[str]>): each command's help says what PATHS are, the usage line names it.
 PathsArg = Annotated[
     list[str],
-    typer.Argument(help="image files, folders (searched recursively) or glob patterns"),
+    typer.Argument(metavar="PATHS...", hidden=True),
 ]
 ModelOpt = Annotated[
     Path | None,
@@ -176,6 +178,8 @@ def predict(
 ) -> None:
     """Classify images (files, folders, globs): one row per file, sorted by path.
 
+    PATHS: image files, folders (searched recursively) or glob patterns.
+
     Columns: path, label, confidence, p0..p9, status (ok/empty/error), message, review
     (true where a person should check the row: low confidence, empty or unreadable).
     """
@@ -232,6 +236,8 @@ def batch_predict(
     progress: ProgressOpt = None,
 ) -> None:
     """Classify images as a Prefect flow: chunks of files mapped over a task runner.
+
+    PATHS: image files, folders (searched recursively) or glob patterns.
 
     Same output as `predict`, whether the chunks run locally or on a Dask cluster.
     """
