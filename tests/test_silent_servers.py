@@ -54,9 +54,13 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def test_batch_predict_refuses_a_mute_dask_scheduler(tmp_path: Path, image: Path) -> None:
+    from tasks.model import build_model, save_model
+
+    model = save_model(tmp_path / "model.pt", build_model("seed"), "seed", 0.0, 1.0, params={})
     with silent_server() as port:
         proc, seconds = _digitflow(
             ROOT, _env(tmp_path), "batch-predict", str(image), "--out", str(tmp_path / "o.csv"),
+            "--model", str(model),
             "--dask-address", f"tcp://127.0.0.1:{port}",
         )  # fmt: skip
     _one_line_exit_2(proc, seconds, "no answer within 5 s")
