@@ -60,7 +60,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from flows.paths import PROJECT_MARKER
 from tasks.decode import read_header
-from tasks.labels import store_labelled
+from tasks.labels import image_suffix, store_labelled
 from tasks.model import ModelFileError
 from tasks.predict import (
     DEFAULT_REVIEW_BELOW,
@@ -88,7 +88,6 @@ GIT_TIMEOUT_S = 10  # one `git` call of the champion look-up
 # Header lines of one multipart part and their size: a part needs two (disposition, type).
 PART_MAX_HEADERS = 8
 PART_MAX_HEADER_BYTES = 4096
-LABEL_SUFFIXES = {"jpeg": ".jpg", "tiff": ".tif"}  # read_header's format -> file suffix
 JSON = "application/json"
 INFER_BATCH = INFER_SLICE  # images per network call at most: the CLI's slice
 
@@ -393,6 +392,20 @@ async def read_body(request: Request, settings: ApiSettings, take: Callable[[int
     return b"".join(chunks)
 
 
+async def read_body_by(
+    request: Request, settings: ApiSettings, take: Callable[[int], None], deadline: float
+) -> bytes:
+    """read_body, whole by ``deadline`` (the loop's clock), else 408: a slow sender."""
+    try:
+        return await asyncio.wait_for(
+            read_body(request, settings, take), deadline - asyncio.get_running_loop().time()
+        )
+    except TimeoutError:
+        raise Refused(
+            408, f"request body not received within {settings.time_limit_s:g} s"
+        ) from None
+
+
 def parse_form(body: bytes, boundary: bytes, max_files: int) -> list[Upload]:
     """The ``files`` parts of a multipart/form-data body; 413 over ``max_files``, 422 bad form."""
     uploads: list[Upload] = []
@@ -639,14 +652,7 @@ def create_app(settings: ApiSettings, watcher: ModelWatcher | None = None) -> Fa
             shown = ctype.decode("latin-1")[:60] or "none"
             raise Refused(415, f"Content-Type {shown}: send image/* or multipart/form-data")
         async with admission.holding() as take:
-            try:
-                body = await asyncio.wait_for(
-                    read_body(request, settings, take), deadline - loop.time()
-                )
-            except TimeoutError:
-                raise Refused(
-                    408, f"request body not received within {settings.time_limit_s:g} s"
-                ) from None
+            body = await read_body_by(request, settings, take, deadline)
             if ctype == b"multipart/form-data":
                 boundary = opts.get(b"boundary")
                 if not boundary:
@@ -708,18 +714,11 @@ def create_app(settings: ApiSettings, watcher: ModelWatcher | None = None) -> Fa
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.time_limit_s
         async with admission.holding() as take:
-            try:
-                body = await asyncio.wait_for(
-                    read_body(request, settings, take), deadline - loop.time()
-                )
-            except TimeoutError:
-                raise Refused(
-                    408, f"request body not received within {settings.time_limit_s:g} s"
-                ) from None
+            body = await read_body_by(request, settings, take, deadline)
             header = read_header(body) if body else None
             if header is None:
                 raise Refused(415, "not an image this server can read")
-            suffix = LABEL_SUFFIXES.get(header.format, f".{header.format}")
+            suffix = image_suffix(header.format)
             root = Path(settings.labels_root)
             path = await asyncio.to_thread(store_labelled, body, label, root, suffix)
         return {"stored": str(path), "label": label}

@@ -73,7 +73,12 @@ def read_image_bytes(path: Path) -> tuple[bytes, str]:
     header = read_header(data)
     if header is None:
         raise NotAnImage(f"{path}: not an image predict reads")
-    return data, FORMAT_SUFFIX.get(header.format, f".{header.format}")
+    return data, image_suffix(header.format)
+
+
+def image_suffix(fmt: str) -> str:
+    """The file suffix a stored image gets, from the format read_header names."""
+    return FORMAT_SUFFIX.get(fmt, f".{fmt}")
 
 
 def label_file(path: Path, label: int, root: Path) -> tuple[Path, bool]:

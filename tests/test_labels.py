@@ -206,3 +206,12 @@ def test_training_adds_each_labelled_image_weight_times(tmp_path: Path) -> None:
         tmp_path / "none.npz", np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8)
     )
     assert len(add_labelled(mnist_x, mnist_y, empty, weight=3)[0]) == 5
+
+
+def test_every_format_predict_reads_gets_a_suffix_the_store_accepts() -> None:
+    from tasks.decode import _PILLOW_FORMATS
+    from tasks.labels import SUFFIX, image_suffix
+
+    for fmt in {*_PILLOW_FORMATS.values(), "tiff", "pam", "pfm", "hdr"}:
+        assert SUFFIX.fullmatch(image_suffix(fmt)), fmt
+    assert image_suffix("sunraster") == ".ras" and image_suffix("jpeg") == ".jpg"
