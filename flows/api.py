@@ -3,7 +3,7 @@
 - ``POST /predict``: images as multipart (``files``) or one image as the raw body
   (``Content-Type: image/*``) -> a JSON array, one object per image with exactly the
   fields of a ``digitflow predict --format jsonl`` row. The rows come from the CLI's own
-  code: each upload is decoded and preprocessed by ``tasks.preprocess.prepare_file`` (the
+  code: each upload is decoded and preprocessed by ``tasks.prepare_pool.prepare_chunk`` (the
   decoder's limits, its messages), classified by the frozen ``tasks.predict.Classifier``,
   made into a ``Row`` as ``iter_predictions`` does and written by ``RowWriter``; ``path``
   is the upload's file name (``-`` for a raw body). ``?input=true`` adds ``input_png``, the
@@ -71,7 +71,8 @@ from tasks.predict import (
     needs_review,
     prediction_row,
 )
-from tasks.preprocess import MNIST_SIZE, Prepared, encode_png, prepare_file, set_opencv_threads
+from tasks.prepare_pool import INTERNAL_ERROR, prepare_chunk
+from tasks.preprocess import MNIST_SIZE, Prepared, encode_png, set_opencv_threads
 
 log = logging.getLogger(__name__)
 
@@ -466,11 +467,12 @@ def parse_form(body: bytes, boundary: bytes, max_files: int) -> list[Upload]:
 
 
 def prepare_uploads(uploads: list[Upload], tmp_root: str, preprocess: bool) -> list[Prepared]:
-    """Decode + preprocess each upload by the CLI's ``prepare_file`` (runs in a compute thread).
+    """Decode + preprocess each upload by the CLI's ``prepare_chunk`` (runs in a compute thread).
 
-    ``prepare_file`` reads a file, so each upload is written to the server's private temp
+    ``prepare_chunk`` reads files, so each upload is written to the server's private temp
     folder (RAM-backed where /dev/shm exists) and removed once read: the same bytes go
-    through the same code, limits and messages as a file given to `digitflow predict`.
+    through the same code, limits and messages as a file given to `digitflow predict`,
+    and a bug on one odd image is that image's error row (logged once), never a 500.
     """
     prepared = []
     for upload in uploads:
@@ -478,7 +480,7 @@ def prepare_uploads(uploads: list[Upload], tmp_root: str, preprocess: bool) -> l
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(upload.data)
-            prepared.append(prepare_file(path, preprocess=preprocess))
+            prepared.extend(prepare_chunk([path], 0, preprocess, None))
         finally:
             os.unlink(path)
     return prepared
@@ -571,10 +573,15 @@ def rows_json(rows: list[Row], pngs: list[bytes | None], n_classes: int) -> byte
 
 
 def _refusal_for(rows: list[Row]) -> Refused | None:
-    """When no upload is a readable image: 413 for one over the decoder's limits, else 415."""
+    """When no upload is a readable image: 413 for one over the decoder's limits, else 415.
+
+    A bug in decoding (its traceback logged once) is a 500 with the row's one-line message.
+    """
     if not rows or any(row.status != "error" for row in rows):
         return None
     first = rows[0]
+    if first.message.startswith(INTERNAL_ERROR):
+        return Refused(500, f"{first.path}: {first.message}")
     too_large = first.message.startswith(("image too large", "file too large"))
     return Refused(413 if too_large else 415, f"{first.path}: {first.message}")
 

@@ -549,6 +549,28 @@ def _check_out_file(out_path: Path, model_path: Path | None) -> None:
         raise PredictUsageError(f"output path {out_path} is the model file")
 
 
+def _hard_link_among(out_path: Path, paths: Sequence[str]) -> str | None:
+    """The input that is another name (a hard link) of the existing ``out_path``, if any.
+
+    The inputs are looked at only when the output file has more than one name: the
+    common case costs one stat.
+    """
+    try:
+        st = os.stat(out_path)
+    except FileNotFoundError:
+        return None
+    if st.st_nlink < 2:
+        return None
+    for path in paths:
+        try:
+            other = os.stat(path)
+        except OSError:  # a missing or unreadable input: its own error row says so later
+            continue
+        if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+            return path
+    return None
+
+
 def check_options(
     out_path: Path,
     fmt: str,
@@ -600,6 +622,9 @@ def plan_inputs(
         raise PredictUsageError(
             f"output path {out_path} is one of the inputs ({planned.out_among[0]})"
         )
+    linked = _hard_link_among(Path(out_path), planned.paths)
+    if linked is not None:
+        raise PredictUsageError(f"output path {out_path} is a hard link to the input {linked}")
     if not planned.paths:
         raise PredictUsageError(
             f"no input files (the folders are empty or hold only hidden files"

@@ -59,6 +59,7 @@ MNIST_SHAPE = (28, 28)  # a Prepared image
 # bytes of the input's name kept in a debug image's name: with the index and ".png",
 # well under NAME_MAX (255 bytes on Linux and macOS file systems)
 DEBUG_NAME_BYTES = 200
+INTERNAL_ERROR = "internal error"  # how a bug's row message starts (the API answers it 500)
 
 log = logging.getLogger(__name__)
 _logged_bugs: set[tuple[str, str, int]] = set()  # (exception type, file, line) logged here
@@ -112,7 +113,7 @@ def _bug_row(path: str, exc: Exception) -> Prepared:
         _logged_bugs.add(where or (type(exc).__name__, "", 0))
     if first:
         log.error("internal error on %s (logged once; its row says so)", path, exc_info=exc)
-    return Prepared(None, "error", f"internal error: {type(exc).__name__}: {exc}")
+    return Prepared(None, "error", f"{INTERNAL_ERROR}: {type(exc).__name__}: {exc}")
 
 
 def prepare_chunk(

@@ -30,6 +30,7 @@ from flows.api import (
     create_app,
 )
 from flows.cli import app as cli_app
+from tasks import prepare_pool
 from tasks.labels import store_labelled
 from tasks.model import build_model, save_model
 from tasks.predict import predict_paths
@@ -204,6 +205,33 @@ def test_one_bad_file_among_good_ones_is_an_error_row(settings: ApiSettings) -> 
         response = client.post("/predict", files=multipart(["e.png", "a.png"]))
     assert response.status_code == 200
     assert [r["status"] for r in response.json()] == ["error", "ok"]
+
+
+def test_a_bug_on_one_image_is_its_error_row_not_a_500(
+    settings: ApiSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection: decoding raises an unexpected exception (a bug) for one upload.
+
+    Among others, the upload's row says so and the others are answered; alone (a raw
+    body), it is a 500 with that one-line message, not a crash.
+    """
+    real_prepare = prepare_pool.prepare_file
+
+    def buggy(path: str, preprocess: bool = True):  # a bug only on the undecodable upload
+        if Path(path).read_bytes() == IMAGES["e.png"]:
+            raise KeyError("bug")
+        return real_prepare(path, preprocess=preprocess)
+
+    monkeypatch.setattr(prepare_pool, "prepare_file", buggy)
+    with client_for(settings) as client:
+        form = client.post("/predict", files=multipart(["e.png", "a.png"]))
+        raw = client.post(
+            "/predict", content=IMAGES["e.png"], headers={"Content-Type": "image/png"}
+        )
+    assert form.status_code == 200
+    assert [r["status"] for r in form.json()] == ["error", "ok"]
+    assert form.json()[0]["message"] == "internal error: KeyError: 'bug'"
+    assert assert_one_line_detail(raw, 500) == "-: internal error: KeyError: 'bug'"
 
 
 def test_admission_is_bounded(settings: ApiSettings) -> None:

@@ -174,6 +174,8 @@ def _out_cases(tmp_path: Path, model_file: Path) -> dict[str, tuple[list[str], P
     os.mkfifo(fifo)
     model_copy = tmp_path / "m.pt"
     model_copy.write_bytes(model_file.read_bytes())
+    os.link(folder / "a.png", tmp_path / "hard.csv")
+    os.link(model_copy, tmp_path / "model-hard.csv")
     a = str(folder / "a.png")
     return {
         "named input": ([a, str(folder / "b.png")], folder / "a.png", "is one of the inputs"),
@@ -182,11 +184,13 @@ def _out_cases(tmp_path: Path, model_file: Path) -> dict[str, tuple[list[str], P
         "the model": ([a], model_copy, "is the model file"),
         "a symlink": ([a], tmp_path / "link.csv", "is a symlink"),
         "a fifo": ([a], fifo, "is not a regular file"),
+        "a hard link to an input": ([str(folder)], tmp_path / "hard.csv", "hard link to the input"),
+        "a hard link to the model": ([a], tmp_path / "model-hard.csv", "is the model file"),
     }
 
 
 CASES = ["named input", "image in an input folder", "input through a glob", "the model",
-         "a symlink", "a fifo"]  # fmt: skip
+         "a symlink", "a fifo", "a hard link to an input", "a hard link to the model"]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -194,7 +198,7 @@ def test_out_that_would_destroy_something_is_refused(
     tmp_path: Path, model_file: Path, case: str
 ) -> None:
     inputs, out, says = _out_cases(tmp_path, model_file)[case]
-    model = out if case == "the model" else model_file
+    model = {"the model": out, "a hard link to the model": tmp_path / "m.pt"}.get(case, model_file)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p != out}
     before_out = None if case == "a fifo" else out.read_bytes()
 
