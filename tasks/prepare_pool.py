@@ -15,11 +15,17 @@ Small inputs (fewer than ``MIN_FILES_FOR_PROCESSES`` files) and daemonic process
 (a Dask worker cannot have children) use threads in the calling process instead:
 the same function on the same files, so the same rows.
 
+A per-file deadline (``FILE_DEADLINE_S``) holds in the worker processes: a C decoder
+cannot be interrupted, so a watchdog thread ends the worker that overran, the parent
+gives that file an error row and carries on in a fresh pool. In threads (small inputs,
+Dask workers) a file is bounded only by the checks made before decoding (tasks.decode).
+
 This module imports no torch: the workers stay small.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
 import multiprocessing
@@ -27,10 +33,11 @@ import os
 import re
 import signal
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -59,12 +66,16 @@ MNIST_SHAPE = (28, 28)  # a Prepared image
 # bytes of the input's name kept in a debug image's name: with the index and ".png",
 # well under NAME_MAX (255 bytes on Linux and macOS file systems)
 DEBUG_NAME_BYTES = 200
+# A file still decoding after this long is stopped and gets an error row: ~100x the
+# slowest real photo (a 12 MP phone JPEG decodes and preprocesses in ~0.2 s on one core).
+FILE_DEADLINE_S = 20.0
+DEADLINE_EXIT = 86  # a worker's exit status when its watchdog stopped it
 INTERNAL_ERROR = "internal error"  # how a bug's row message starts (the API answers it 500)
 
 log = logging.getLogger(__name__)
 _logged_bugs: set[tuple[str, str, int]] = set()  # (exception type, file, line) logged here
 _logged_lock = threading.Lock()
-_pools: dict[int, ProcessPoolExecutor] = {}  # worker count -> this process's pool
+_pools: dict[tuple[int, float], _Pool] = {}  # (workers, deadline) -> this process's pool
 _pools_lock = threading.Lock()
 
 
@@ -138,11 +149,31 @@ def prepare_chunk(
 Packed = tuple[np.ndarray, list[tuple[str, str]]]
 
 
+def late_row(deadline_s: float) -> Prepared:
+    """The row of a file whose decoding overran the per-file deadline."""
+    return Prepared(None, "error", f"decoding took longer than {deadline_s:g} s: stopped")
+
+
 def _prepare_packed(
-    paths: Sequence[str], start: int, preprocess: bool, debug_dir: Path | None
+    paths: Sequence[str],
+    start: int,
+    preprocess: bool,
+    debug_dir: Path | None,
+    late: frozenset[int] = frozenset(),
 ) -> Packed:
-    """``prepare_chunk`` in a worker process, its results packed."""
-    preps = prepare_chunk(paths, start, preprocess, debug_dir)
+    """``prepare_chunk`` in a worker process, each file watched, its results packed.
+
+    ``late``: indexes of files that overran the deadline before (not decoded again).
+    """
+    assert _watchdog is not None, "runs in a worker started by process_pool"
+    preps = []
+    for i, path in enumerate(paths):
+        if start + i in late:
+            preps.append(late_row(_watchdog.deadline_s))
+            continue
+        _watchdog.current = (start + i, time.monotonic())
+        preps.extend(prepare_chunk([path], start + i, preprocess, debug_dir))
+        _watchdog.current = None
     images = [p.image for p in preps if p.image is not None]
     stacked = np.stack(images) if images else np.empty((0, *MNIST_SHAPE), np.uint8)
     return stacked, [(p.status, p.message) for p in preps]
@@ -157,20 +188,63 @@ def _unpack(packed: Packed) -> list[Prepared]:
     ]
 
 
-def _init_worker() -> None:
+class _Watchdog:
+    """In a worker process: ends the process when one file overruns the deadline.
+
+    ``current`` is the (index, start time) of the file being decoded, set by
+    ``_prepare_packed``. The overrun file's index goes to ``report`` (a SimpleQueue:
+    written before the exit, no feeder thread) for the parent to give it its row.
+    """
+
+    def __init__(self, deadline_s: float, report: multiprocessing.SimpleQueue) -> None:
+        self.deadline_s, self.report = deadline_s, report
+        self.current: tuple[int, float] | None = None
+        # a tenth of the deadline: an overrun is caught within 10 %, at little cost
+        self.period_s = deadline_s / 10
+        threading.Thread(target=self._run, name="deadline", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.period_s)
+            current = self.current
+            if current is not None and time.monotonic() - current[1] > self.deadline_s:
+                self.report.put(current[0])
+                os._exit(DEADLINE_EXIT)  # the decoder holds this thread's sibling: no cleanup
+
+
+_watchdog: _Watchdog | None = None  # a worker process's own
+
+
+def _init_worker(deadline_s: float, report: multiprocessing.SimpleQueue) -> None:
     """Ctrl-C goes to the whole process group: the parent stops and cancels, workers carry on.
 
-    One OpenCV thread: the workers are the parallelism.
+    One OpenCV thread: the workers are the parallelism. The watchdog enforces the deadline.
     """
+    global _watchdog
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     set_opencv_threads(1)
+    _watchdog = _Watchdog(deadline_s, report)
 
 
-def _ready() -> int:
-    return os.getpid()
+@dataclasses.dataclass
+class _Pool:
+    """A pool of decode processes and the queue their watchdogs name overrun files on."""
+
+    executor: ProcessPoolExecutor
+    overruns: multiprocessing.SimpleQueue
+    seen: set[int] = dataclasses.field(default_factory=set)  # overruns read so far
+
+    def overrun(self) -> set[int]:
+        """Indexes of the files whose watchdogs stopped a worker (read after it broke).
+
+        Every stream on this pool sees them all: each picks those in its own range.
+        """
+        while not self.overruns.empty():
+            self.seen.add(self.overruns.get())
+        return set(self.seen)
 
 
-def process_pool(workers: int) -> ProcessPoolExecutor | None:
+def process_pool(workers: int, deadline_s: float = FILE_DEADLINE_S) -> _Pool | None:
     """This process's pool of ``workers`` decode processes; None where there can be none.
 
     A daemonic process (a Dask worker, a multiprocessing worker) may not start
@@ -179,22 +253,26 @@ def process_pool(workers: int) -> ProcessPoolExecutor | None:
     if multiprocessing.current_process().daemon:
         return None
     with _pools_lock:
-        pool = _pools.get(workers)
+        pool = _pools.get((workers, deadline_s))
         if pool is None:
             ctx = multiprocessing.get_context("forkserver")
             # the forkserver imports this module once; each worker is a fork of it
             ctx.set_forkserver_preload([__name__])
-            pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker)
-            _pools[workers] = pool
+            overruns = ctx.SimpleQueue()
+            executor = ProcessPoolExecutor(
+                workers, mp_context=ctx, initializer=_init_worker, initargs=(deadline_s, overruns)
+            )
+            pool = _pools[(workers, deadline_s)] = _Pool(executor, overruns)
         return pool
 
 
-def _forget(pool: Executor) -> None:
+def _forget(pool: _Pool) -> None:
     """Drop a broken pool (a worker died: a decoder crash, OOM): the next run starts anew."""
     with _pools_lock:
         for k, p in list(_pools.items()):
             if p is pool:
                 del _pools[k]
+    pool.executor.shutdown(wait=False, cancel_futures=True)
 
 
 class PreparedStream:
@@ -205,6 +283,7 @@ class PreparedStream:
     made, so the workers decode while the caller loads its model. ``close()`` (also
     at the end of the iteration) cancels what is still queued; running chunks finish.
     ``index_offset``: the position of ``paths[0]`` in the whole input (debug file names).
+    ``deadline_s``: the per-file deadline in worker processes.
     """
 
     def __init__(
@@ -214,16 +293,18 @@ class PreparedStream:
         preprocess: bool,
         debug_dir: Path | None,
         index_offset: int = 0,
+        deadline_s: float = FILE_DEADLINE_S,
     ) -> None:
         self.paths, self.preprocess, self.debug_dir = paths, preprocess, debug_dir
         self.index_offset = index_offset
-        workers = max(1, workers)
-        big = workers > 1 and len(paths) >= MIN_FILES_FOR_PROCESSES
-        self.procs = process_pool(workers) if big else None
+        self.workers, self.deadline_s = max(1, workers), deadline_s
+        big = self.workers > 1 and len(paths) >= MIN_FILES_FOR_PROCESSES
+        self.procs = process_pool(self.workers, deadline_s) if big else None
         self.threads = None if self.procs is not None else ThreadPoolExecutor(workers, "decode")
-        self.max_pending = workers * IN_FLIGHT_PER_WORKER
+        self.max_pending = self.workers * IN_FLIGHT_PER_WORKER
         self.pending: deque[tuple[int, Future]] = deque()
         self.next_start = 0
+        self.late: set[int] = set()  # indexes (in paths) of files that overran the deadline
         self._fill()
 
     def _fill(self) -> None:
@@ -233,23 +314,42 @@ class PreparedStream:
             chunk = self.paths[start : start + DECODE_CHUNK]
             args = (chunk, self.index_offset + start, self.preprocess, self.debug_dir)
             if self.procs is not None:
-                fut = self.procs.submit(_prepare_packed, *args)
+                late = frozenset(self.index_offset + i for i in self.late)
+                fut = self.procs.executor.submit(_prepare_packed, *args, late)
             else:
                 assert self.threads is not None
                 fut = self.threads.submit(prepare_chunk, *args)
             self.pending.append((start, fut))
             self.next_start += DECODE_CHUNK
 
+    def _restart(self, first: int) -> None:
+        """A worker died: note the file that overran, resubmit from ``first`` in a new pool.
+
+        A worker that died of anything else (a decoder crash, the OOM killer) ends the run.
+        """
+        assert self.procs is not None
+        overrun = self.procs.overrun()
+        _forget(self.procs)
+        if not overrun:
+            raise BrokenProcessPool("a decode worker process died (a decoder crash?)")
+        self.late |= {i - self.index_offset for i in overrun}  # others' are never matched
+        for _, fut in self.pending:
+            fut.cancel()
+        self.pending.clear()
+        self.next_start = first
+        self.procs = process_pool(self.workers, self.deadline_s)
+        self._fill()
+
     def __iter__(self) -> Iterator[tuple[str, Prepared]]:
         try:
             while self.pending:
-                first, fut = self.pending.popleft()
+                first, fut = self.pending[0]
                 try:
                     result = fut.result()
                 except BrokenProcessPool:
-                    assert self.procs is not None
-                    _forget(self.procs)
-                    raise
+                    self._restart(first)
+                    continue
+                self.pending.popleft()
                 self._fill()  # the next chunk is queued before this one is handed on
                 preps = _unpack(result) if self.procs is not None else result
                 yield from zip(self.paths[first : first + DECODE_CHUNK], preps, strict=True)

@@ -157,11 +157,11 @@ def test_pool_is_started_once_and_reused(mixed_folder: Path, model_file: Path) -
     predict_chunk(paths, model_file, 64, 2)
     pool = process_pool(2)
     assert pool is not None
-    pids = set(pool._processes)  # the worker processes, by pid
+    pids = set(pool.executor._processes)  # the worker processes, by pid
     assert len(pids) == 2
     predict_chunk(paths, model_file, 64, 2)
     assert process_pool(2) is pool
-    assert set(pool._processes) == pids
+    assert set(pool.executor._processes) == pids
 
 
 def test_one_file_starts_no_worker_process(mixed_folder: Path) -> None:

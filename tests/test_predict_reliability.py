@@ -31,7 +31,7 @@ from flows.cli import predict as predict_cmd
 from tasks.decode import ImageError, _read_file, load_image
 from tasks.model import build_model, save_model
 from tasks.predict import predict_paths
-from tasks.prepare_pool import MIN_FILES_FOR_PROCESSES
+from tasks.prepare_pool import MIN_FILES_FOR_PROCESSES, PreparedStream
 from tasks.preprocess import prepare_file
 from tests.memory import digitflow_argv, peak_mb
 
@@ -406,6 +406,37 @@ def test_decode_cost_is_bounded_per_file(tmp_path: Path, model_file: Path) -> No
     assert "2000 scans" in rows["scans.jpg"]["message"]
     assert seconds < 30  # mostly the start (torch); before: 2 GiB allocated per decode
     assert peak_mb(peak) < 1200  # a predict run is ~0.6 GB; before: 2.6 GB
+
+
+def test_a_file_past_the_deadline_is_its_row_and_the_batch_goes_on(tmp_path: Path) -> None:
+    """A file still decoding at the deadline: its worker is stopped, the file gets an error
+    row, and the files after it are decoded in a fresh pool, every row in input order.
+
+    The slow file is a legal 36 MP noise PNG; the deadline is a third of its own decode
+    time here, far above a small digit's (~1 ms): no good file is near it.
+    """
+    good = digit_png()
+    for i in range(MIN_FILES_FOR_PROCESSES + 10):
+        (tmp_path / f"g{i:04d}.png").write_bytes(good)
+    slow = tmp_path / "g0070_slow.png"  # in the middle: chunks after it are resubmitted
+    noise = np.random.default_rng(0).integers(0, 256, (6000, 6000), dtype=np.uint8)
+    assert cv2.imwrite(str(slow), noise)
+    seconds = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        assert prepare_file(slow).status == "empty"  # decodes fine, given the time
+        seconds.append(time.perf_counter() - t0)
+    deadline = min(seconds) / 3
+    paths = sorted(str(p) for p in tmp_path.glob("*.png"))
+
+    rows = list(PreparedStream(paths, 2, True, None, deadline_s=deadline))
+
+    assert [path for path, _ in rows] == paths
+    by_name = {Path(path).name: prep for path, prep in rows}
+    late = by_name.pop(slow.name)
+    assert late.status == "error" and late.message.startswith("decoding took longer than")
+    expected = prepare_file(tmp_path / "g0000.png").image
+    assert all(p.status == "ok" and np.array_equal(p.image, expected) for p in by_name.values())
 
 
 def test_png_checks_pass_good_pngs(tmp_path: Path) -> None:
