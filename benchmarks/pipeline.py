@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -57,6 +58,43 @@ def resolved_stages(root: Path) -> list[tuple[str, str]]:
     return [(stage.name, commands[stage.name]) for stage in stage_graph(root)]
 
 
+def bench_env() -> dict[str, str]:
+    """The environment stage commands run in: this venv's digitflow first, MNIST_MIRROR set."""
+    if not os.environ.get("MNIST_MIRROR"):
+        raise SystemExit("set MNIST_MIRROR (e.g. ../shared/mnist) to a folder with the MNIST files")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env["MNIST_MIRROR"] = str(Path(env["MNIST_MIRROR"]).resolve())
+    return env
+
+
+def run_pipeline(
+    work: Path,
+    params: dict,
+    env: dict[str, str],
+    setup: Callable[[Path], None] | None = None,
+) -> tuple[dict[str, dict[str, float]], dict[str, dict]]:
+    """Every stage of dvc.yaml in the empty scratch folder ``work``: per stage timings, metrics.
+
+    ``setup(work)`` runs after the project's inputs are copied in, before any stage.
+    """
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q", "--no-scm"], cwd=work, check=True)
+    for rel in INPUTS:
+        shutil.copytree(ROOT / rel, work / rel)
+    if setup is not None:
+        setup(work)
+    results = {}
+    for name, cmd in resolved_stages(work):
+        results[name] = run_measured(shlex.split(cmd), work, env)
+        print(f"{name}: {results[name]['wall_s']:.1f} s", flush=True)
+    metrics = {
+        model: json.loads((work / eval_path(model, EVAL_METRICS)).read_text())
+        for model in params["models"]
+    }
+    return results, metrics
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -65,33 +103,16 @@ def main() -> None:
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/pipeline.json")
     args = ap.parse_args()
-    if not os.environ.get("MNIST_MIRROR"):
-        raise SystemExit("set MNIST_MIRROR (e.g. ../shared/mnist) to a folder with the MNIST files")
+    env = bench_env()
 
     sys.path.insert(0, str(ROOT))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     seed = params["train"][params["models"]["seed"]]  # the seed report's recipe
     if args.epochs is not None:
         seed["epochs"] = args.epochs
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env["MNIST_MIRROR"] = str(Path(env["MNIST_MIRROR"]).resolve())
-    results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="digitflow-bench-") as tmp:
         work = Path(tmp)
-        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
-        subprocess.run(
-            [sys.executable, "-m", "dvc", "init", "-q", "--no-scm"], cwd=work, check=True
-        )
-        for rel in INPUTS:
-            shutil.copytree(ROOT / rel, work / rel)
-        for name, cmd in resolved_stages(work):
-            results[name] = run_measured(shlex.split(cmd), work, env)
-            print(f"{name}: {results[name]['wall_s']:.1f} s", flush=True)
-        metrics = {
-            model: json.loads((work / eval_path(model, EVAL_METRICS)).read_text())
-            for model in params["models"]
-        }
+        results, metrics = run_pipeline(work, params, env)
         reference = None
         if not args.skip_reference:
             from benchmarks.reference import train_reference

@@ -15,10 +15,11 @@ Small inputs (fewer than ``MIN_FILES_FOR_PROCESSES`` files) and daemonic process
 (a Dask worker cannot have children) use threads in the calling process instead:
 the same function on the same files, so the same rows.
 
-A per-file deadline (``FILE_DEADLINE_S``) holds in the worker processes: a C decoder
-cannot be interrupted, so a watchdog thread ends the worker that overran, the parent
-gives that file an error row and carries on in a fresh pool. In threads (small inputs,
-Dask workers) a file is bounded only by the checks made before decoding (tasks.decode).
+A per-file deadline (``FILE_DEADLINE_S``) holds everywhere. A C decoder cannot be
+interrupted, so in worker processes a watchdog thread ends the worker that overran and
+the parent gives that file an error row and carries on in a fresh pool; in threads
+(files one task each) the caller stops waiting for the late file, gives it its row and
+leaves its daemon thread to finish alone (a new thread takes its place).
 
 This module imports no torch: the workers stay small.
 """
@@ -30,14 +31,15 @@ import glob
 import logging
 import multiprocessing
 import os
+import queue
 import re
 import signal
 import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -275,6 +277,55 @@ def _forget(pool: _Pool) -> None:
     pool.executor.shutdown(wait=False, cancel_futures=True)
 
 
+class DaemonThreads:
+    """Decode threads that never hold the process: ThreadPoolExecutor joins its threads at
+    exit, so a decoder stuck on a late file would keep the CLI from exiting."""
+
+    def __init__(self, n: int) -> None:
+        self._queue: queue.SimpleQueue[tuple[Future, Callable, tuple] | None]
+        self._queue = queue.SimpleQueue()
+        self._started = 0
+        for _ in range(n):
+            self.add_thread()
+
+    def add_thread(self) -> None:
+        """One more thread (to take the place of one left on a late file)."""
+        self._started += 1
+        threading.Thread(target=self._run, name="decode", daemon=True).start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to the caller, who raises it
+                future.set_exception(exc)
+
+    def submit(self, fn: Callable, *args: object) -> Future:
+        future: Future = Future()
+        self._queue.put((future, fn, args))
+        return future
+
+    def shutdown(self) -> None:
+        """Each thread ends once its task is done (a cancelled future is skipped)."""
+        for _ in range(self._started):
+            self._queue.put(None)
+
+
+def _prepare_started(
+    paths: Sequence[str],
+    start: int,
+    preprocess: bool,
+    debug_dir: Path | None,
+    started: dict[int, float],
+) -> list[Prepared]:
+    """``prepare_chunk`` in a thread, its start time noted (by ``start``) for the deadline."""
+    started[start] = time.monotonic()
+    return prepare_chunk(paths, start, preprocess, debug_dir)
+
+
 class PreparedStream:
     """(path, Prepared) in input order, at most ``workers * IN_FLIGHT_PER_WORKER`` chunks ahead.
 
@@ -300,27 +351,42 @@ class PreparedStream:
         self.workers, self.deadline_s = max(1, workers), deadline_s
         big = self.workers > 1 and len(paths) >= MIN_FILES_FOR_PROCESSES
         self.procs = process_pool(self.workers, deadline_s) if big else None
-        self.threads = None if self.procs is not None else ThreadPoolExecutor(workers, "decode")
-        self.max_pending = self.workers * IN_FLIGHT_PER_WORKER
+        self.threads = None if self.procs is not None else DaemonThreads(self.workers)
+        # a task: DECODE_CHUNK files in a process, one file in a thread (its own deadline)
+        self.step = DECODE_CHUNK if self.procs is not None else 1
+        self.max_pending = self.workers * IN_FLIGHT_PER_WORKER * DECODE_CHUNK // self.step
         self.pending: deque[tuple[int, Future]] = deque()
         self.next_start = 0
         self.late: set[int] = set()  # indexes (in paths) of files that overran the deadline
+        self.started: dict[int, float] = {}  # threads: file index -> when its decoding began
         self._fill()
 
     def _fill(self) -> None:
-        """Submit chunks until ``max_pending`` are queued or the paths run out."""
+        """Submit tasks until ``max_pending`` are queued or the paths run out."""
         while len(self.pending) < self.max_pending and self.next_start < len(self.paths):
             start = self.next_start
-            chunk = self.paths[start : start + DECODE_CHUNK]
+            chunk = self.paths[start : start + self.step]
             args = (chunk, self.index_offset + start, self.preprocess, self.debug_dir)
             if self.procs is not None:
                 late = frozenset(self.index_offset + i for i in self.late)
                 fut = self.procs.executor.submit(_prepare_packed, *args, late)
             else:
                 assert self.threads is not None
-                fut = self.threads.submit(prepare_chunk, *args)
+                fut = self.threads.submit(_prepare_started, *args, self.started)
             self.pending.append((start, fut))
-            self.next_start += DECODE_CHUNK
+            self.next_start += self.step
+
+    def _thread_result(self, start: int, fut: Future) -> list[Prepared]:
+        """The file's rows, or its late row once it has decoded past the deadline."""
+        while True:
+            try:
+                return fut.result(timeout=self.deadline_s / 10)  # an overrun seen within 10 %
+            except TimeoutError:
+                began = self.started.get(self.index_offset + start)
+                if began is not None and time.monotonic() - began > self.deadline_s:
+                    assert self.threads is not None
+                    self.threads.add_thread()  # its thread stays with the decoder
+                    return [late_row(self.deadline_s)]
 
     def _restart(self, first: int) -> None:
         """A worker died: note the file that overran, resubmit from ``first`` in a new pool.
@@ -344,15 +410,17 @@ class PreparedStream:
         try:
             while self.pending:
                 first, fut = self.pending[0]
-                try:
-                    result = fut.result()
-                except BrokenProcessPool:
-                    self._restart(first)
-                    continue
+                if self.procs is None:
+                    preps = self._thread_result(first, fut)
+                else:
+                    try:
+                        preps = _unpack(fut.result())
+                    except BrokenProcessPool:
+                        self._restart(first)
+                        continue
                 self.pending.popleft()
-                self._fill()  # the next chunk is queued before this one is handed on
-                preps = _unpack(result) if self.procs is not None else result
-                yield from zip(self.paths[first : first + DECODE_CHUNK], preps, strict=True)
+                self._fill()  # the next task is queued before this one is handed on
+                yield from zip(self.paths[first : first + self.step], preps, strict=True)
         finally:
             self.close()
 
@@ -363,7 +431,7 @@ class PreparedStream:
         self.pending.clear()
         self.next_start = len(self.paths)
         if self.threads is not None:
-            self.threads.shutdown(wait=True, cancel_futures=True)
+            self.threads.shutdown()
 
 
 def prepared_stream(

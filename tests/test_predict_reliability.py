@@ -408,17 +408,21 @@ def test_decode_cost_is_bounded_per_file(tmp_path: Path, model_file: Path) -> No
     assert peak_mb(peak) < 1200  # a predict run is ~0.6 GB; before: 2.6 GB
 
 
-def test_a_file_past_the_deadline_is_its_row_and_the_batch_goes_on(tmp_path: Path) -> None:
-    """A file still decoding at the deadline: its worker is stopped, the file gets an error
-    row, and the files after it are decoded in a fresh pool, every row in input order.
+@pytest.mark.parametrize("n_good", [4, MIN_FILES_FOR_PROCESSES + 10], ids=["threads", "processes"])
+def test_a_file_past_the_deadline_is_its_row_and_the_batch_goes_on(
+    tmp_path: Path, n_good: int
+) -> None:
+    """A file still decoding at the deadline gets an error row and the batch goes on, every
+    row in input order: in worker processes its worker is stopped and the files after it
+    are decoded in a fresh pool; in threads the caller stops waiting for it.
 
     The slow file is a legal 36 MP noise PNG; the deadline is a third of its own decode
     time here, far above a small digit's (~1 ms): no good file is near it.
     """
     good = digit_png()
-    for i in range(MIN_FILES_FOR_PROCESSES + 10):
+    for i in range(n_good):
         (tmp_path / f"g{i:04d}.png").write_bytes(good)
-    slow = tmp_path / "g0070_slow.png"  # in the middle: chunks after it are resubmitted
+    slow = tmp_path / f"g{n_good // 2:04d}_slow.png"  # in the middle: files follow it
     noise = np.random.default_rng(0).integers(0, 256, (6000, 6000), dtype=np.uint8)
     assert cv2.imwrite(str(slow), noise)
     seconds = []
