@@ -4,7 +4,7 @@ Each row adds one of the seed report's proposals to the row above (cumulative), 
 as ``dvc exp run --temp -n <row> -S ...`` from HEAD, so `dvc exp show` lists every row and
 the workspace (params.yaml, data/, dvc.lock) stays as it is. The preset's extra seeds go
 through the DVC queue (``dvc exp run --queue`` + ``dvc queue start -j 1``), the way the
-README's sweeps do. Prints the README's tables and writes benchmarks/results/ablation.json.
+sweeps in docs/recipes.md do. Prints its tables and writes benchmarks/results/ablation.json.
 
     export PATH=$PWD/.venv/bin:$PATH MNIST_MIRROR=$PWD/../shared/mnist
     flock /tmp/digitflow-cpu.lock python -m benchmarks.ablation     # ~35 min on 2 cores
@@ -34,7 +34,7 @@ TRAIN_METRICS = f"{TRAIN_DIR.format(name=MODEL)}/metrics.json"
 TARGET = f"evaluate@{MODEL}"
 
 # What every improved row shares: 54k/6k split, MNIST normalization, 20 epochs of batch 128
-# with bf16 autocast (this CPU has AMX; see README "Speed").
+# with bf16 autocast (this CPU has AMX; see docs/recipes.md "Speed").
 COMMON = [
     "split.val_fraction=0.1",
     "train.seed.model=improved",
@@ -134,7 +134,7 @@ def run_rows(skip_existing: bool) -> dict[str, float]:
     return seconds
 
 
-# The seed recipe's two choices beyond the report's text, over three seeds (README):
+# The seed recipe's two choices beyond the report's text, over three seeds (docs/recipes.md):
 # PyTorch's default init and the last epoch (the plain way), Glorot init, then keep = best.
 SEED_VARIANTS = {
     "torch-last": ["train.seed.init=torch", "train.seed.keep=last"],

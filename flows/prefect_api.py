@@ -8,7 +8,7 @@ step (connect, send, each read), answers first; a command refuses in one line (e
 
 from __future__ import annotations
 
-API_CHECK_TIMEOUT_S = 5.0  # README "Prefect server": how long a server may take to answer
+API_CHECK_TIMEOUT_S = 5.0  # docs/orchestration.md: how long a server may take to answer
 
 
 def configured_api_url() -> str | None:

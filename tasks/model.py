@@ -81,7 +81,7 @@ class ImprovedCNN(nn.Module):
     -> flatten 1152 -> 128 -> 10. 'same' padding keeps the border strokes the seed's valid
     convs cut off; the widths grow as the maps shrink, so each block costs about the same
     (~3.6 M multiply-adds for the last two): ~7.6 M per image vs the seed's ~5.3 M.
-    ``batchnorm`` and ``dropout`` are switches so the README's ablation can add them one at a time;
+    ``batchnorm`` and ``dropout`` are switches so the ablation (docs/recipes.md) adds them singly;
     ``width`` scales the channels (w, 2w, 4w): the multiply-adds grow with its square.
     """
 

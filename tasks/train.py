@@ -334,7 +334,7 @@ def init_weights(model: nn.Module, scheme: str) -> nn.Module:
     shrinks the activations' variance ~6x per ReLU layer, so the seed CNN's logits start
     near zero and its first epochs are slow. Glorot keeps the variance roughly constant
     (it is Keras' default). Measured on real MNIST, the seed recipe's 5th epoch, seeds
-    42/0/1: 98.01/97.78/97.48 % with torch init, 97.95/98.33/98.43 % with glorot (README).
+    42/0/1: 98.01/97.78/97.48 % with torch init, 97.95/98.33/98.43 % with glorot (docs/recipes.md).
     BatchNorm layers keep their defaults (weight 1, bias 0).
     """
     if scheme == "torch":
