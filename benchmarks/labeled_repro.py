@@ -1,8 +1,9 @@
 """Benchmark: the whole pipeline with 250 labelled photos in data/labeled vs without them.
 
-Runs every dvc.yaml stage (benchmarks/pipeline.py's run_pipeline) twice, side by side
-in one session, each in its own scratch folder: first with an empty labelled-images
-inbox, then with ``--count`` labelled photos in ``data/labeled/<label>/``. The photos
+Runs every dvc.yaml stage (benchmarks/pipeline.py's run_pipeline) four times, side by
+side, each in its own scratch folder, interleaved A B B A: A with an empty labelled-images
+inbox, B with ``--count`` labelled photos in ``data/labeled/<label>/``; each figure is
+the mean of its two runs. The photos
 stand in for a user's own: phone-size JPEGs (longer side ``--side`` px) rendered by
 tasks/render.py from MNIST *training* digits, so the labelled stage decodes photo-sized
 files and the robust recipe trains on them (``labeled_weight``). Never real dev-set
@@ -37,14 +38,13 @@ TARGET_RATIO = 1.2  # the pipeline with the labelled photos, at most this times 
 JPEG_QUALITY = 90  # a phone camera's usual setting
 
 
-def write_labelled(inbox: Path, count: int, side: int, seed: int) -> int:
-    """``count`` rendered photos of MNIST training digits in ``inbox/<label>/``; bytes written."""
+def write_labelled(inbox: Path, count: int, side: int, seed: int) -> None:
+    """``count`` rendered photos of MNIST training digits in ``inbox/<label>/``."""
     mirror = Path(os.environ["MNIST_MIRROR"])
     images = read_images(mirror / "train-images-idx3-ubyte.gz")
     labels = read_labels(mirror / "train-labels-idx1-ubyte.gz")
     rng = np.random.default_rng(seed)
     p = RenderParams(seed=seed)
-    written = 0
     for i, k in enumerate(rng.choice(len(images), size=count, replace=False)):
         photo = render_photo(images[k], p, rng)
         scale = side / max(photo.shape[:2])  # renders are small; a user's photos are not
@@ -54,8 +54,6 @@ def write_labelled(inbox: Path, count: int, side: int, seed: int) -> int:
         folder = inbox / str(int(labels[k]))
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"photo{i:04d}.jpg").write_bytes(buf.tobytes())
-        written += len(buf)
-    return written
 
 
 def main() -> None:
@@ -66,22 +64,25 @@ def main() -> None:
     args = ap.parse_args()
     env = bench_env()
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    runs, sizes = {}, {}
-    for name, count in (("without", 0), ("with", args.count)):
+    runs: dict[str, dict] = {}
+    for name, count in (("without", 0), ("with", args.count), ("with", args.count), ("without", 0)):
 
-        def setup(work: Path, count: int = count, name: str = name) -> None:
-            sizes[name] = write_labelled(work / "data/labeled", count, args.side, seed=0)
+        def setup(work: Path, count: int = count) -> None:
+            write_labelled(work / "data/labeled", count, args.side, seed=0)
 
         print(f"--- pipeline {name} labelled photos ({count})", flush=True)
         with tempfile.TemporaryDirectory(prefix="digitflow-bench-") as tmp:
             stages, metrics = run_pipeline(Path(tmp), params, env, setup)
-        runs[name] = {
-            "stages": stages,
-            "total_s": sum(r["wall_s"] for r in stages.values()),
-            "metrics": metrics,
-            "labelled_photos": count,
-            "labelled_mb": sizes[name] / 1e6,
+        run = runs.setdefault(name, {"repeats": [], "labelled_photos": count})
+        run["repeats"].append(stages)
+        run["metrics"] = metrics
+    for run in runs.values():  # each stage's mean over the repeats
+        names = run["repeats"][0]
+        run["stages"] = {
+            stage: {"wall_s": float(np.mean([r[stage]["wall_s"] for r in run["repeats"]]))}
+            for stage in names
         }
+        run["total_s"] = sum(r["wall_s"] for r in run["stages"].values())
     ratio = runs["with"]["total_s"] / runs["without"]["total_s"]
     summary = {"runs": runs, "ratio": ratio, "target": TARGET_RATIO, "cpu_count": os.cpu_count()}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -63,7 +63,7 @@ from tasks.decode import read_header
 from tasks.labels import image_suffix, store_labelled
 from tasks.model import ModelFileError
 from tasks.predict import (
-    DEFAULT_REVIEW_BELOW,
+    DEFAULTS,
     INFER_SLICE,
     Classifier,
     Row,
@@ -99,7 +99,7 @@ class ApiSettings:
 
     model: str  # the model file, watched for swaps
     preprocess: bool = True  # as `digitflow predict --preprocess` (the default)
-    review_below: float = DEFAULT_REVIEW_BELOW  # as params.yaml predict.review_below
+    review_below: float = DEFAULTS.review_below
     max_body_bytes: int = 8 * 2**20  # a 12 MP phone JPEG is 3-6 MB
     max_files: int = 16  # images per request
     time_limit_s: float = 10.0  # per request: reading the body, queueing, computing

@@ -21,7 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.model import load_model
 from tasks.predict import (
-    DEFAULT_REVIEW_BELOW,
+    DEFAULTS,
     PredictSummary,
     PredictUsageError,
     Row,
@@ -62,12 +62,12 @@ def batch_predict(
     out_path: Path,
     fmt: str = "csv",
     chunk_size: int = 1000,
-    batch_size: int = 256,
-    workers: int = 2,
+    batch_size: int = DEFAULTS.batch_size,
+    workers: int = DEFAULTS.workers,
     preprocess: bool = True,
     debug_dir: Path | None = None,
     progress: bool | None = None,
-    review_below: float = DEFAULT_REVIEW_BELOW,
+    review_below: float = DEFAULTS.review_below,
 ) -> PredictSummary:
     """Classify every image under ``inputs`` into ``out_path``, chunk by chunk.
 
@@ -144,13 +144,13 @@ def run_batch_predict(
     out_path: Path,
     fmt: str = "csv",
     chunk_size: int = 1000,
-    batch_size: int = 256,
-    workers: int = 2,
+    batch_size: int = DEFAULTS.batch_size,
+    workers: int = DEFAULTS.workers,
     preprocess: bool = True,
     debug_dir: Path | None = None,
     dask_address: str | None = None,
     progress: bool | None = None,
-    review_below: float = DEFAULT_REVIEW_BELOW,
+    review_below: float = DEFAULTS.review_below,
 ) -> PredictSummary:
     """Run the flow on local threads, or on the Dask scheduler at ``dask_address``.
 

@@ -33,6 +33,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
+from tasks.config import PredictParams
 from tasks.decode import read_header
 from tasks.digits import N_CLASSES
 from tasks.errors import DigitflowError, WorkError
@@ -54,9 +55,9 @@ if TYPE_CHECKING:
 
 FORMATS = ("csv", "jsonl")
 PROB_DECIMALS = 6  # probabilities in the output: enough to rank, short enough to diff
-# Rows whose confidence is below this are flagged for review (params.yaml predict.review_below
-# documents the value; tasks/config.py PredictParams holds the same default).
-DEFAULT_REVIEW_BELOW = 0.9
+# predict's defaults where no params.yaml is read (library calls, the flows' defaults): the
+# one place they are set is tasks/config.py PredictParams
+DEFAULTS = PredictParams()
 
 # bytes read to tell an image from another file in a folder walk: every header read_header
 # knows fits (a TIFF whose directory lies further on, named without .tif, counts as other)
@@ -641,7 +642,7 @@ def write_predictions(
     total: int,
     progress: bool | None = None,
     desc: str = "predict",
-    review_below: float = DEFAULT_REVIEW_BELOW,
+    review_below: float = DEFAULTS.review_below,
 ) -> PredictSummary:
     """Write ``rows`` (``total`` of them, in order) to ``out_path`` atomically; count them.
 
@@ -675,12 +676,12 @@ def predict_paths(
     model_path: Path,
     out_path: Path,
     fmt: str = "csv",
-    batch_size: int = 256,
-    workers: int = 2,
+    batch_size: int = DEFAULTS.batch_size,
+    workers: int = DEFAULTS.workers,
     preprocess: bool = True,
     debug_dir: Path | None = None,
     progress: bool | None = None,
-    review_below: float = DEFAULT_REVIEW_BELOW,
+    review_below: float = DEFAULTS.review_below,
 ) -> PredictSummary:
     """Classify every image under ``inputs`` into ``out_path`` (CSV or JSONL), atomically.
 
