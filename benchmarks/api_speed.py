@@ -44,6 +44,7 @@ import cv2
 import numpy as np
 
 from flows.paths import model_file
+from tasks.data import load_arrays
 from tests.images import REFERENCES, big_glyph, photo, png_bytes, png_header_only
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +90,7 @@ def sample_png() -> bytes:
     """An MNIST test digit as a PNG when the prepared data is there, else a rendered one."""
     test = ROOT / "data/prepared/test.npz"
     if test.is_file():
-        return png_bytes(np.load(test)["x"][0])
+        return png_bytes(load_arrays(test)[0][0])
     return png_bytes(REFERENCES[7])
 
 

@@ -17,6 +17,7 @@ Seeded: the same params and training digits give the same renders, byte for byte
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 
 from tasks.config import RenderParams
 from tasks.data import load_arrays, save_arrays
-from tasks.preprocess import prepare_file
+from tasks.prepare_pool import PreparedStream
 
 CANVAS_SIDES = (160, 400)  # px: the rendered photo's longer side (decoding shrinks to 320)
 ASPECTS = (0.6, 1.0)  # shorter / longer side of the photo
@@ -56,6 +57,8 @@ DOWNSCALE = (0.35, 1.0)  # the photo's final size, share of the rendered size
 # Measured on 40 plain-paper renders: 0.69..0.98; lost digits (blocks, wedges): 0.2..0.46.
 MIN_AGREEMENT = 0.5
 AGREEMENT_SHIFT = 3
+# renders on disk at a time while worker processes read them back: ~10 MB of files
+RENDER_BATCH = 512
 LIGHT_SCALE = 8  # lighting is computed at 1/8 of the photo's size (it varies slowly)
 
 
@@ -219,40 +222,73 @@ def encode_photo(img: np.ndarray, p: RenderParams, rng: np.random.Generator) -> 
     return buf.tobytes(), suffix
 
 
+def _render_files(
+    images: np.ndarray,
+    picks: np.ndarray,
+    start: int,
+    p: RenderParams,
+    rng: np.random.Generator,
+    work: Path,
+) -> list[str]:
+    """Render ``picks`` (numbered from ``start``) into files in ``work``, in order."""
+    paths = []
+    for i, k in enumerate(picks, start):
+        data, suffix = encode_photo(render_photo(images[k], p, rng), p, rng)
+        path = work / f"render{i:05d}{suffix}"  # the decoder reads files, like predict
+        path.write_bytes(data)
+        paths.append(str(path))
+    return paths
+
+
 def render_arrays(
-    images: np.ndarray, labels: np.ndarray, p: RenderParams, work: Path
+    images: np.ndarray, labels: np.ndarray, p: RenderParams, work: Path, workers: int = 1
 ) -> tuple[np.ndarray, np.ndarray, int, int]:
     """``p.count`` renders of digits drawn from ``images`` (seeded), read back as predict does.
 
     Returns the (N, 28, 28) network inputs, their labels, and how many renders the
     preprocessing found empty and how many it lost the digit in (both left out: N <= count).
+    Rendering draws from one seeded generator, in order, in this process; meanwhile
+    ``workers`` processes (predict's PreparedStream) read the previous batch back: the
+    same renders whatever ``workers``.
     """
     rng = np.random.default_rng(p.seed)
     picks = rng.choice(len(images), size=p.count, replace=p.count > len(images))
-    out_x, out_y, empty, lost = [], [], 0, 0
-    for i, k in enumerate(picks):
-        data, suffix = encode_photo(render_photo(images[k], p, rng), p, rng)
-        path = work / f"render{i % 2}{suffix}"  # the decoder reads files, like predict
-        path.write_bytes(data)
-        prep = prepare_file(path)
-        path.unlink()
-        if prep.image is None:
-            empty += 1
-            continue
-        if agreement(prep.image, images[k]) < MIN_AGREEMENT:
-            lost += 1
-            continue
-        out_x.append(prep.image)
-        out_y.append(labels[k])
+    out_x, out_y, counts = [], [], {"empty": 0, "lost": 0}
+
+    def read_back(stream: PreparedStream, batch: np.ndarray) -> None:
+        for (path, prep), k in zip(stream, batch, strict=True):
+            os.unlink(path)
+            if prep.image is None:
+                counts["empty"] += 1
+            elif agreement(prep.image, images[k]) < MIN_AGREEMENT:
+                counts["lost"] += 1
+            else:
+                out_x.append(prep.image)
+                out_y.append(labels[k])
+
+    reading = None  # the previous batch, being read back while this one renders
+    for start in range(0, len(picks), RENDER_BATCH):
+        batch = picks[start : start + RENDER_BATCH]
+        paths = _render_files(images, batch, start, p, rng, work)
+        if reading is not None:
+            read_back(*reading)
+        reading = (PreparedStream(paths, workers, True, None), batch)
+    if reading is not None:
+        read_back(*reading)
     x = np.stack(out_x) if out_x else np.zeros((0, 28, 28), np.uint8)
-    return x, np.asarray(out_y, np.uint8), empty, lost
+    return x, np.asarray(out_y, np.uint8), counts["empty"], counts["lost"]
 
 
-def render_dataset(train_path: Path, out_path: Path, p: RenderParams) -> RenderResult:
-    """Render ``p.count`` photos of the training split's digits into ``out_path`` (.npz)."""
+def render_dataset(
+    train_path: Path, out_path: Path, p: RenderParams, workers: int = 1
+) -> RenderResult:
+    """Render ``p.count`` photos of the training split's digits into ``out_path`` (.npz).
+
+    ``workers``: processes that read the renders back (the result does not depend on it).
+    """
     images, labels = load_arrays(train_path)
     with tempfile.TemporaryDirectory(prefix="digitflow-render-") as tmp:
-        x, y, empty, lost = render_arrays(images, labels, p, Path(tmp))
+        x, y, empty, lost = render_arrays(images, labels, p, Path(tmp), workers)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     save_arrays(out_path, x, y)
     return RenderResult(out_path, len(x), empty, lost)

@@ -151,13 +151,19 @@ def render(
     data: Annotated[Path, typer.Option(help="folder with train.npz")] = Path(PREPARED_DIR),
     out: Annotated[Path, typer.Option(help=".npz of the rendered 28x28 inputs")] = Path(RENDERS),
     params: ParamsOpt = DEFAULT_PARAMS,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=1, help="processes reading renders back (default: predict.workers)"),
+    ] = None,
 ) -> None:
     """Render synthetic photos of training digits, read back as `predict` reads photos."""
     from tasks.config import load_params
     from tasks.render import render_dataset
 
-    p = load_params(params).render
-    result = render_dataset(data / "train.npz", out, p)
+    all_params = load_params(params)
+    p = all_params.render
+    # the worker count changes no render: the stage's params leave it out
+    result = render_dataset(data / "train.npz", out, p, workers or all_params.predict.workers)
     typer.echo(
         f"wrote {result.path}: {result.n} of {p.count} renders "
         f"(left out: {result.empty} found empty, {result.lost} with the digit lost)"
