@@ -607,13 +607,118 @@ PREDICT_BODY = {
 }
 
 
+@dataclass
+class _Service:
+    """What the routes of one app share: settings, the model, admission, the batcher."""
+
+    settings: ApiSettings
+    watcher: ModelWatcher
+    admission: Admission
+    batcher: Batcher
+    started: float  # time.time() at creation, for uptime
+    tmp_root: str = ""  # the uploads' private temp folder, made by the lifespan
+
+
+def _uploads(ctype: bytes, opts: dict[bytes, bytes], body: bytes, max_files: int) -> list[Upload]:
+    """The images of a request body: the parts of a form, or the raw body as one image."""
+    if ctype == b"multipart/form-data":
+        boundary = opts.get(b"boundary")
+        if not boundary:
+            raise Refused(422, "multipart Content-Type without a boundary")
+        return parse_form(body, boundary, max_files)
+    if not body:
+        raise Refused(422, "empty request body: send an image")
+    return [Upload(RAW_BODY_NAME, body)]
+
+
+def _add_predict(app: FastAPI, svc: _Service) -> None:
+    settings = svc.settings
+
+    @app.post("/predict", openapi_extra=PREDICT_BODY, summary="Classify images")
+    async def predict(
+        request: Request,
+        input: bool = Query(False, description="add input_png: the 28x28 network input"),
+    ) -> Response:
+        """One row per image, the fields of `digitflow predict --format jsonl`."""
+        deadline = asyncio.get_running_loop().time() + settings.time_limit_s
+        ctype, opts = parse_options_header(request.headers.get("content-type"))
+        if ctype != b"multipart/form-data" and not ctype.startswith(b"image/"):
+            shown = ctype.decode("latin-1")[:60] or "none"
+            raise Refused(415, f"Content-Type {shown}: send image/* or multipart/form-data")
+        async with svc.admission.holding() as take:
+            body = await read_body_by(request, settings, take, deadline)
+            uploads = _uploads(ctype, opts, body, settings.max_files)
+            del body
+            served = svc.watcher.current  # this request's model, whatever swaps meanwhile
+            with svc.admission.admit():
+                prepared = await svc.admission.run(
+                    lambda: prepare_uploads(uploads, svc.tmp_root, settings.preprocess), deadline
+                )
+                images = [prep.image for prep in prepared if prep.image is not None]
+                classes = served.classifier.classes
+                probs = np.zeros((0, len(classes)))
+                if images:
+                    probs = await until(
+                        asyncio.wrap_future(svc.batcher.submit(served, images)),
+                        deadline, settings.time_limit_s,
+                    )  # fmt: skip
+        rows = make_rows([u.name for u in uploads], prepared, probs, classes)
+        for row in rows:  # the CLI's review flag, set as write_predictions sets it
+            row.review = needs_review(row, settings.review_below)
+        refusal = _refusal_for(rows)
+        if refusal is not None:
+            raise refusal
+        pngs = [encode_png(p.image) if input and p.image is not None else None for p in prepared]
+        content = rows_json(rows, pngs, len(classes))
+        return Response(content, media_type=JSON, headers={"X-Model-SHA256": served.sha256})
+
+
+def _add_health(app: FastAPI, svc: _Service) -> None:
+    settings, watcher = svc.settings, svc.watcher
+
+    @app.get("/health", summary="The model that answers, uptime, limits")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": watcher.current.describe(),
+            "refused": watcher.refused,
+            "swaps": watcher.swaps,
+            "uptime_s": round(time.time() - svc.started, 3),
+            "accept_labels": settings.accept_labels,
+            "limits": {
+                "max_body_bytes": settings.max_body_bytes, "max_files": settings.max_files,
+                "time_limit_s": settings.time_limit_s, "compute_slots": settings.compute_slots,
+                "queue": settings.queue,
+            },
+        }  # fmt: skip
+
+
+def _add_label(app: FastAPI, svc: _Service) -> None:
+    settings = svc.settings
+
+    @app.post("/label", summary="Store an image under its label (with --accept-labels)")
+    async def label(
+        request: Request, label: int = Query(..., ge=0, le=9, description="the digit it shows")
+    ) -> dict[str, Any]:
+        """The raw image body into data/labeled/<label>/<sha256>.<ext> (deduplicated)."""
+        if not settings.accept_labels:
+            raise Refused(403, "labels are not accepted: start the server with --accept-labels")
+        deadline = asyncio.get_running_loop().time() + settings.time_limit_s
+        async with svc.admission.holding() as take:
+            body = await read_body_by(request, settings, take, deadline)
+            header = read_header(body) if body else None
+            if header is None:
+                raise Refused(415, "not an image this server can read")
+            suffix = image_suffix(header.format)
+            root = Path(settings.labels_root)
+            path = await asyncio.to_thread(store_labelled, body, label, root, suffix)
+        return {"stored": str(path), "label": label}
+
+
 def create_app(settings: ApiSettings, watcher: ModelWatcher | None = None) -> FastAPI:
     """The app; loads the model now (ModelFileError if it cannot) unless ``watcher`` is given."""
     watcher = watcher or ModelWatcher(settings.model, settings.poll_s)
-    started = time.time()
-    tmp_holder: dict[str, str] = {}
-    admission = Admission(settings)
-    batcher = Batcher()
+    svc = _Service(settings, watcher, Admission(settings), Batcher(), time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -623,14 +728,14 @@ def create_app(settings: ApiSettings, watcher: ModelWatcher | None = None) -> Fa
         shm = "/dev/shm"  # RAM-backed where there is one: uploads never touch the disk
         base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
         with tempfile.TemporaryDirectory(prefix="digitflow-api-", dir=base) as tmp:
-            tmp_holder["root"] = tmp
+            svc.tmp_root = tmp
             watcher.start()
             try:
                 yield
             finally:
                 watcher.stop()
-                admission.executor.shutdown(wait=True, cancel_futures=True)
-                batcher.close()
+                svc.admission.executor.shutdown(wait=True, cancel_futures=True)
+                svc.batcher.close()
 
     app = FastAPI(
         title="digitflow",
@@ -646,89 +751,9 @@ def create_app(settings: ApiSettings, watcher: ModelWatcher | None = None) -> Fa
         where = ".".join(str(x) for x in first.get("loc", ()))
         return JSONResponse({"detail": f"{where}: {first.get('msg')}"}, status_code=422)
 
-    @app.post("/predict", openapi_extra=PREDICT_BODY, summary="Classify images")
-    async def predict(
-        request: Request,
-        input: bool = Query(False, description="add input_png: the 28x28 network input"),
-    ) -> Response:
-        """One row per image, the fields of `digitflow predict --format jsonl`."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + settings.time_limit_s
-        ctype, opts = parse_options_header(request.headers.get("content-type"))
-        if ctype != b"multipart/form-data" and not ctype.startswith(b"image/"):
-            shown = ctype.decode("latin-1")[:60] or "none"
-            raise Refused(415, f"Content-Type {shown}: send image/* or multipart/form-data")
-        async with admission.holding() as take:
-            body = await read_body_by(request, settings, take, deadline)
-            if ctype == b"multipart/form-data":
-                boundary = opts.get(b"boundary")
-                if not boundary:
-                    raise Refused(422, "multipart Content-Type without a boundary")
-                uploads = parse_form(body, boundary, settings.max_files)
-            elif not body:
-                raise Refused(422, "empty request body: send an image")
-            else:
-                uploads = [Upload(RAW_BODY_NAME, body)]
-            del body
-            served = watcher.current  # this request's model, whatever swaps meanwhile
-            with admission.admit():
-                prepared = await admission.run(
-                    lambda: prepare_uploads(uploads, tmp_holder["root"], settings.preprocess),
-                    deadline,
-                )
-                images = [prep.image for prep in prepared if prep.image is not None]
-                classes = served.classifier.classes
-                probs = np.zeros((0, len(classes)))
-                if images:
-                    probs = await until(
-                        asyncio.wrap_future(batcher.submit(served, images)),
-                        deadline, settings.time_limit_s,
-                    )  # fmt: skip
-        rows = make_rows([u.name for u in uploads], prepared, probs, classes)
-        for row in rows:  # the CLI's review flag, set as write_predictions sets it
-            row.review = needs_review(row, settings.review_below)
-        refusal = _refusal_for(rows)
-        if refusal is not None:
-            raise refusal
-        pngs = [encode_png(p.image) if input and p.image is not None else None for p in prepared]
-        content = rows_json(rows, pngs, len(classes))
-        return Response(content, media_type=JSON, headers={"X-Model-SHA256": served.sha256})
-
-    @app.get("/health", summary="The model that answers, uptime, limits")
-    async def health() -> dict[str, Any]:
-        served = watcher.current
-        return {
-            "status": "ok",
-            "model": served.describe(),
-            "refused": watcher.refused,
-            "swaps": watcher.swaps,
-            "uptime_s": round(time.time() - started, 3),
-            "accept_labels": settings.accept_labels,
-            "limits": {
-                "max_body_bytes": settings.max_body_bytes, "max_files": settings.max_files,
-                "time_limit_s": settings.time_limit_s, "compute_slots": settings.compute_slots,
-                "queue": settings.queue,
-            },
-        }  # fmt: skip
-
-    @app.post("/label", summary="Store an image under its label (with --accept-labels)")
-    async def label(
-        request: Request, label: int = Query(..., ge=0, le=9, description="the digit it shows")
-    ) -> dict[str, Any]:
-        """The raw image body into data/labeled/<label>/<sha256>.<ext> (deduplicated)."""
-        if not settings.accept_labels:
-            raise Refused(403, "labels are not accepted: start the server with --accept-labels")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + settings.time_limit_s
-        async with admission.holding() as take:
-            body = await read_body_by(request, settings, take, deadline)
-            header = read_header(body) if body else None
-            if header is None:
-                raise Refused(415, "not an image this server can read")
-            suffix = image_suffix(header.format)
-            root = Path(settings.labels_root)
-            path = await asyncio.to_thread(store_labelled, body, label, root, suffix)
-        return {"stored": str(path), "label": label}
+    _add_predict(app, svc)
+    _add_health(app, svc)
+    _add_label(app, svc)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

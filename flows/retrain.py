@@ -571,6 +571,48 @@ def _nothing_new(champion_tag: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _bar(
+    repo_root: Path, champion_tag: str | None, metrics_file: str, classes_file: str
+) -> tuple[dict | None, dict | None, str | None]:
+    """(metrics, classes, revision) of the model the challenger must beat; Nones: nothing yet.
+
+    The champion's as committed at its tag; with no champion yet, the model HEAD holds.
+    """
+    if champion_tag:
+        metrics = read_at_rev(repo_root, champion_tag, metrics_file)
+        return metrics, read_at_rev(repo_root, champion_tag, classes_file), champion_tag
+    committed = committed_evaluation(repo_root, HEAD_BASELINE, metrics_file, classes_file)
+    if committed:  # no champion yet: the model the repository holds is the bar, not nothing
+        return committed[0], committed[1], HEAD_BASELINE
+    return None, None, None
+
+
+def _record(
+    worktree: Path,
+    tag: str | None,
+    decision: Decision,
+    challenger_metrics: dict,
+    against: str | None,
+    overrides: list[str],
+) -> str | None:
+    """Promote (commit and tag ``tag``) or log the rejection; the promotion's commit."""
+    logger = get_run_logger()
+    why = "; ".join(decision.reasons)
+    if not tag:
+        logger.warning("challenger rejected, %s stays: %s", against, why)
+        return None
+    message = (
+        f"retrain: promote {tag} (test accuracy {challenger_metrics['accuracy']:.4f}"
+        + (f", compared with {against}" if against else "")
+        + ")\n\n"
+        + "\n".join(decision.reasons)
+        + (f"\n\noverrides: {' '.join(overrides)}" if overrides else "")
+    )
+    commit = _promote(worktree, tag, message)
+    logger.info("promoted %s (commit %s): %s", tag, commit[:12], why)
+    return commit
+
+
 @flow(name="retrain")
 def retrain(
     root: str = ".", overrides: list[str] | None = None, only_if_new_labels: bool = False
@@ -617,17 +659,9 @@ def retrain(
         )
         challenger_metrics = json.loads((worktree / metrics_file).read_text())
         challenger_classes = json.loads((worktree / classes_file).read_text())
-        champion_metrics = champion_classes = None
-        against = champion_tag  # the revision whose committed model the challenger must beat
-        if champion_tag:
-            champion_metrics = read_at_rev(repo_root, champion_tag, metrics_file)
-            champion_classes = read_at_rev(repo_root, champion_tag, classes_file)
-        elif committed := committed_evaluation(
-            repo_root, HEAD_BASELINE, metrics_file, classes_file
-        ):
-            # no champion yet: the model the repository holds is the bar, not nothing
-            champion_metrics, champion_classes = committed
-            against = HEAD_BASELINE
+        champion_metrics, champion_classes, against = _bar(
+            repo_root, champion_tag, metrics_file, classes_file
+        )
         logger.info("compared with: %s", against or "nothing yet (no committed metrics)")
         if champion_metrics is not None and "real" in challenger_metrics:
             # the same labelled test images for both: the champion re-scored on the challenger's
@@ -644,21 +678,7 @@ def retrain(
             against=against or "champion",
         )
         tag = f"{TAG_PREFIX}{champion_n + 1}" if decision.promote else None
-        commit = None
-        if tag:
-            message = (
-                f"retrain: promote {tag} (test accuracy {challenger_metrics['accuracy']:.4f}"
-                + (f", compared with {against}" if against else "")
-                + ")\n\n"
-                + "\n".join(decision.reasons)
-                + (f"\n\noverrides: {' '.join(overrides)}" if overrides else "")
-            )
-            commit = _promote(worktree, tag, message)
-            why = "; ".join(decision.reasons)
-            logger.info("promoted %s (commit %s): %s", tag, commit[:12], why)
-        else:
-            why = "; ".join(decision.reasons)
-            logger.warning("challenger rejected, %s stays: %s", against, why)
+        commit = _record(worktree, tag, decision, challenger_metrics, against, overrides)
         create_markdown_artifact(
             key=ARTIFACT_DECISION,
             markdown=decision_markdown(

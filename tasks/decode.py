@@ -682,6 +682,32 @@ def jpeg_scale(
     return factor
 
 
+def _jpeg_flags(
+    data: bytes, header: ImageHeader, max_side: int, max_pixels: int, max_bytes: int, colour: bool
+) -> int:
+    """The cv2.imread flags to decode this JPEG with (its DCT scale); ImageError if too costly."""
+    size, pixels = f"{header.width}x{header.height} JPEG", header.pixels
+    if not _jpeg_complete(data):
+        raise ImageError("truncated JPEG (no end-of-image marker)")
+    scans = _jpeg_scans(data)
+    if scans > MAX_JPEG_SCANS:
+        raise ImageError(f"JPEG with {scans} scans (over {MAX_JPEG_SCANS}): too costly to decode")
+    factor = jpeg_scale(header.width, header.height, max_side, max_pixels)
+    if pixels / factor**2 > max_pixels:
+        raise ImageError(
+            f"image too large: {size} ({_mp(pixels)}, over {_mp(max_pixels)} even at 1/8 scale)"
+        )
+    if decode_bytes(header, factor) > max_bytes:  # progressive: full-size buffers
+        raise ImageError(
+            f"image too large: {size}, progressive (~{_mb(decode_bytes(header, factor))}"
+            f" to decode > {_mb(max_bytes)} limit); save it as a baseline JPEG"
+        )
+    # a colour JPEG decodes to BGR only when colour is wanted (3x the memory,
+    # counted by decode_bytes from the header's components)
+    jpeg_colour = colour and header.channels == 3
+    return (_JPEG_COLOUR_FLAGS if jpeg_colour else _JPEG_FLAGS)[factor]
+
+
 def load_image(
     path: Path | str,
     max_pixels: int = MAX_PIXELS,
@@ -710,28 +736,7 @@ def load_image(
         if pixels == 0:
             raise ImageError(f"{header.format} header says {header.width}x{header.height} pixels")
         if header.format == "jpeg":
-            if not _jpeg_complete(data):
-                raise ImageError("truncated JPEG (no end-of-image marker)")
-            scans = _jpeg_scans(data)
-            if scans > MAX_JPEG_SCANS:
-                raise ImageError(
-                    f"JPEG with {scans} scans (over {MAX_JPEG_SCANS}): too costly to decode"
-                )
-            factor = jpeg_scale(header.width, header.height, max_side, max_pixels)
-            if pixels / factor**2 > max_pixels:
-                raise ImageError(
-                    f"image too large: {size} ({_mp(pixels)}, over {_mp(max_pixels)} "
-                    "even at 1/8 scale)"
-                )
-            if decode_bytes(header, factor) > max_bytes:  # progressive: full-size buffers
-                raise ImageError(
-                    f"image too large: {size}, progressive (~{_mb(decode_bytes(header, factor))}"
-                    f" to decode > {_mb(max_bytes)} limit); save it as a baseline JPEG"
-                )
-            # a colour JPEG decodes to BGR only when colour is wanted (3x the memory,
-            # counted by decode_bytes from the header's components)
-            jpeg_colour = colour and header.channels == 3
-            flags = (_JPEG_COLOUR_FLAGS if jpeg_colour else _JPEG_FLAGS)[factor]
+            flags = _jpeg_flags(data, header, max_side, max_pixels, max_bytes, colour)
         elif pixels > max_pixels or decode_bytes(header) > max_bytes:
             raise ImageError(
                 f"image too large: {size} ({_mp(pixels)}, ~{_mb(decode_bytes(header))} to "

@@ -80,6 +80,28 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _epoch_rows(history: list[dict[str, float]], kept: int) -> list[list[Any]]:
+    """The training table's rows, the kept epoch marked "(model)"."""
+    return [
+        [f"{int(r['epoch'])} (model)" if int(r["epoch"]) == kept else int(r["epoch"]),
+         f"{r['loss']:.4f}", f"{r['train_accuracy']:.2%}",
+         f"{r['val_loss']:.4f}", f"{r['val_accuracy']:.2%}"]
+        for r in history
+    ]  # fmt: skip
+
+
+def _kept_sentence(history: list[dict[str, float]], kept: int, keep: str) -> str:
+    """Which epoch's weights the model file holds ("" when its history lacks that epoch)."""
+    kept_row = next((r for r in history if int(r["epoch"]) == kept), None)
+    if kept_row is None:
+        return ""
+    return (
+        f"The model file holds epoch {kept}'s weights "
+        f"(validation accuracy {kept_row['val_accuracy']:.2%}; `train.keep: {keep}`), "
+        "marked on the curves."
+    )
+
+
 def write_report(
     model_path: Path,
     eval_dir: Path,
@@ -109,20 +131,8 @@ def write_report(
     _confusion_figure(cm, out_dir / "confusion_matrix.png")
     _misclassified_figure(images, actual, predicted, n_misclassified, out_dir / "misclassified.png")
 
-    epoch_rows = [
-        [f"{int(r['epoch'])} (model)" if int(r["epoch"]) == kept else int(r["epoch"]),
-         f"{r['loss']:.4f}", f"{r['train_accuracy']:.2%}",
-         f"{r['val_loss']:.4f}", f"{r['val_accuracy']:.2%}"]
-        for r in history
-    ]  # fmt: skip
-    kept_row = next((r for r in history if int(r["epoch"]) == kept), None)
-    holds = (
-        f"The model file holds epoch {kept}'s weights "
-        f"(validation accuracy {kept_row['val_accuracy']:.2%}; `train.keep: "
-        f"{loaded.params.get('keep', 'last')}`), marked on the curves."
-        if kept_row
-        else ""
-    )
+    epoch_rows = _epoch_rows(history, kept)
+    holds = _kept_sentence(history, kept, loaded.params.get("keep", "last"))
     class_rows = [
         [c["class"], f"{c['precision']:.4f}", f"{c['recall']:.4f}", f"{c['f1']:.4f}", c["support"]]
         for c in classes["per_class"]

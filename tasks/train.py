@@ -374,6 +374,137 @@ def build_training(
     return model, step_model, optimizer, scheduler
 
 
+@dataclass
+class _Run:
+    """A training run's state: what a checkpoint saves and a resume restores."""
+
+    model: nn.Module
+    step_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    history: list[dict[str, float]]
+    start: int  # epochs already done
+    # train.keep = best: the weights of the epoch with the highest validation accuracy so far
+    best: dict[str, Any]
+
+    @classmethod
+    def fresh(cls, params: TrainParams, device: torch.device, n_train: int) -> _Run:
+        parts = build_training(params, device, n_train)
+        return cls(
+            *parts, history=[], start=0, best={"epoch": 0, "val_accuracy": -1.0, "state": None}
+        )
+
+    def checkpoint(self, epoch: int) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+            "rng_state": torch.get_rng_state(),
+            "history": self.history,
+            "best": self.best,
+        }
+
+
+def _training_data(
+    params: TrainParams,
+    train_path: Path,
+    val_path: Path,
+    renders_path: Path | None,
+    labeled_path: Path | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[Path]]:
+    """(train x, train y, val x, val y, the files read): MNIST plus renders and labels."""
+    train_x, train_y = load_arrays(train_path)
+    data_paths = [train_path, val_path]
+    if params.renders_share > 0:
+        if renders_path is None:
+            raise ValueError("train.renders_share > 0 needs the renders file (--renders)")
+        train_x, train_y = mix_renders(train_x, train_y, renders_path, params.renders_share)
+        data_paths.append(renders_path)
+    if params.labeled_weight > 0 and labeled_path is not None:
+        train_x, train_y = add_labelled(train_x, train_y, labeled_path, params.labeled_weight)
+        data_paths.append(labeled_path)
+    val_x, val_y = load_arrays(val_path)
+    return train_x, train_y, val_x, val_y, data_paths
+
+
+def _resume(
+    checkpoint_path: Path, fingerprint: str, params: TrainParams, device: torch.device, n: int
+) -> _Run:
+    """A fresh run, or the one ``checkpoint_path`` saved for these params and data."""
+    run = _Run.fresh(params, device, n)
+    if not checkpoint_path.is_file():
+        return run
+    max_bytes = int(CHECKPOINT_COPIES * state_nbytes(run.model) * SIZE_MARGIN) + CHECKPOINT_SLACK
+    try:
+        ckpt = load_checkpoint(checkpoint_path, fingerprint, max_bytes)
+        if ckpt is None:
+            log.info(
+                "ignoring %s: it belongs to another run (params or data differ)", checkpoint_path
+            )
+            return run
+        run.model.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        if run.scheduler is not None:
+            run.scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng_state"])
+        run.history, run.start = list(ckpt["history"]), int(ckpt["epoch"])
+        run.best = dict(ckpt["best"])
+        log.info("resuming from %s after epoch %d", checkpoint_path, run.start)
+        return run
+    # TorchFileError: unreadable or failed its hash; the others: a payload that passed
+    # its hash yet does not fit this run's model or optimizer (written by other code)
+    except (TorchFileError, KeyError, ValueError, RuntimeError, TypeError) as exc:
+        _set_aside(checkpoint_path, exc)
+        # the state may be half loaded: rebuild it exactly as a fresh run does
+        seed_everything(params.seed)
+        return _Run.fresh(params, device, n)
+
+
+def _one_epoch(
+    run: _Run,
+    epoch: int,
+    params: TrainParams,
+    data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    progress: bool | None,
+) -> dict[str, float]:
+    """Train one epoch, validate, note the best weights; the epoch's metrics row."""
+    xs, ys, vx, vy = data
+    mean, std = params.normalize.mean, params.normalize.std
+    # a per-epoch generator: the order depends only on (seed, epoch), so resume is exact
+    gen = torch.Generator().manual_seed(params.seed * 1_000_003 + epoch)
+    order = torch.randperm(len(xs), generator=gen).to(xs.device)
+    # augmentation draws from its own (seed, epoch) generator on the device, for the
+    # same reason; dropout draws from the global RNG, saved in the checkpoint
+    aug_gen = torch.Generator(xs.device).manual_seed(params.seed * 1_000_003 + epoch + 1)
+    # disable=None: a bar on a terminal only, so DVC and CI logs stay clean
+    bar = tqdm(
+        total=len(xs), desc=f"epoch {epoch}/{params.epochs}", unit="img", leave=False,
+        dynamic_ncols=True, disable=None if progress is None else not progress,
+    )  # fmt: skip
+    loss, acc = train_epoch(
+        run.step_model, run.optimizer, xs, ys, order, params.batch_size, mean, std, bar,
+        augment=params.augment, aug_gen=aug_gen, scheduler=run.scheduler,
+        channels_last=params.channels_last, amp=params.amp,
+    )  # fmt: skip
+    bar.close()
+    val_loss, val_acc, _ = evaluate_arrays(run.model, vx, vy, mean, std)
+    row = {
+        "epoch": epoch, "loss": loss, "train_accuracy": acc,
+        "val_loss": val_loss, "val_accuracy": val_acc,
+    }  # fmt: skip
+    run.history.append(row)
+    # strict: ties keep the earlier epoch; keep=last needs no copy of the weights
+    if params.keep == "best" and val_acc > run.best["val_accuracy"]:
+        state = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
+        run.best = {"epoch": epoch, "val_accuracy": val_acc, "state": state}
+    log.info(
+        "epoch %d/%d loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f",
+        epoch, params.epochs, loss, acc, val_loss, val_acc,
+    )  # fmt: skip
+    return row
+
+
 def train(
     train_path: Path,
     val_path: Path,
@@ -400,108 +531,24 @@ def train(
     from dvclive import Live
 
     device = pick_device(params.device)
-    mean, std = params.normalize.mean, params.normalize.std
     seed_everything(params.seed)
-    train_x, train_y = load_arrays(train_path)
-    data_paths = [train_path, val_path]
-    if params.renders_share > 0:
-        if renders_path is None:
-            raise ValueError("train.renders_share > 0 needs the renders file (--renders)")
-        train_x, train_y = mix_renders(train_x, train_y, renders_path, params.renders_share)
-        data_paths.append(renders_path)
-    if params.labeled_weight > 0 and labeled_path is not None:
-        train_x, train_y = add_labelled(train_x, train_y, labeled_path, params.labeled_weight)
-        data_paths.append(labeled_path)
-    val_x, val_y = load_arrays(val_path)
+    train_x, train_y, val_x, val_y, data_paths = _training_data(
+        params, train_path, val_path, renders_path, labeled_path
+    )
     # (N, 28, 28) uint8 on the device: 33 MB for MNIST, cheap to keep resident
-    xs, ys = torch.from_numpy(train_x).to(device), torch.from_numpy(train_y).to(device)
-    vx, vy = torch.from_numpy(val_x).to(device), torch.from_numpy(val_y).to(device)
-
-    model, step_model, optimizer, scheduler = build_training(params, device, len(xs))
+    data = tuple(torch.from_numpy(a).to(device) for a in (train_x, train_y, val_x, val_y))
     fingerprint = _fingerprint(params, *data_paths)
-    history: list[dict[str, float]] = []
-    start = 0
-    # train.keep = best: the weights of the epoch with the highest validation accuracy so far
-    best: dict[str, Any] = {"epoch": 0, "val_accuracy": -1.0, "state": None}
-    if checkpoint_path.is_file():
-        max_bytes = int(CHECKPOINT_COPIES * state_nbytes(model) * SIZE_MARGIN) + CHECKPOINT_SLACK
-        try:
-            ckpt = load_checkpoint(checkpoint_path, fingerprint, max_bytes)
-            if ckpt is None:
-                log.info(
-                    "ignoring %s: it belongs to another run (params or data differ)",
-                    checkpoint_path,
-                )
-            else:
-                model.load_state_dict(ckpt["model"])
-                optimizer.load_state_dict(ckpt["optimizer"])
-                if scheduler is not None:
-                    scheduler.load_state_dict(ckpt["scheduler"])
-                torch.set_rng_state(ckpt["rng_state"])
-                history, start = list(ckpt["history"]), int(ckpt["epoch"])
-                best = dict(ckpt["best"])
-                log.info("resuming from %s after epoch %d", checkpoint_path, start)
-        # TorchFileError: unreadable or failed its hash; the others: a payload that passed
-        # its hash yet does not fit this run's model or optimizer (written by other code)
-        except (TorchFileError, KeyError, ValueError, RuntimeError, TypeError) as exc:
-            _set_aside(checkpoint_path, exc)
-            # the state may be half loaded: rebuild it exactly as a fresh run does
-            seed_everything(params.seed)
-            model, step_model, optimizer, scheduler = build_training(params, device, len(xs))
-            history, start = [], 0
-            best = {"epoch": 0, "val_accuracy": -1.0, "state": None}
+    run = _resume(checkpoint_path, fingerprint, params, device, len(train_x))
 
     # dvclive rewrites its folder from scratch; on resume, replay the finished epochs
     with Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-        for row in history:
+        for row in run.history:
             _log_epoch(live, row)
-        for epoch in range(start + 1, params.epochs + 1):
-            # a per-epoch generator: the order depends only on (seed, epoch), so resume is exact
-            gen = torch.Generator().manual_seed(params.seed * 1_000_003 + epoch)
-            order = torch.randperm(len(xs), generator=gen).to(device)
-            # augmentation draws from its own (seed, epoch) generator on the device, for the
-            # same reason; dropout draws from the global RNG, saved in the checkpoint
-            aug_gen = torch.Generator(device).manual_seed(params.seed * 1_000_003 + epoch + 1)
-            # disable=None: a bar on a terminal only, so DVC and CI logs stay clean
-            bar = tqdm(
-                total=len(xs), desc=f"epoch {epoch}/{params.epochs}", unit="img", leave=False,
-                dynamic_ncols=True, disable=None if progress is None else not progress,
-            )  # fmt: skip
-            loss, acc = train_epoch(
-                step_model, optimizer, xs, ys, order, params.batch_size, mean, std, bar,
-                augment=params.augment, aug_gen=aug_gen, scheduler=scheduler,
-                channels_last=params.channels_last, amp=params.amp,
-            )  # fmt: skip
-            bar.close()
-            val_loss, val_acc, _ = evaluate_arrays(model, vx, vy, mean, std)
-            row = {
-                "epoch": epoch, "loss": loss, "train_accuracy": acc,
-                "val_loss": val_loss, "val_accuracy": val_acc,
-            }  # fmt: skip
-            history.append(row)
-            _log_epoch(live, row)
-            # strict: ties keep the earlier epoch; keep=last needs no copy of the weights
-            if params.keep == "best" and val_acc > best["val_accuracy"]:
-                state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                best = {"epoch": epoch, "val_accuracy": val_acc, "state": state}
-            log.info(
-                "epoch %d/%d loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f",
-                epoch, params.epochs, loss, acc, val_loss, val_acc,
-            )  # fmt: skip
-            save_checkpoint(
-                checkpoint_path,
-                fingerprint,
-                {
-                    "epoch": epoch,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else {},
-                    "rng_state": torch.get_rng_state(),
-                    "history": history,
-                    "best": best,
-                },
-            )
-        kept = best["epoch"] if params.keep == "best" else history[-1]["epoch"]
+        for epoch in range(run.start + 1, params.epochs + 1):
+            _log_epoch(live, _one_epoch(run, epoch, params, data, progress))
+            save_checkpoint(checkpoint_path, fingerprint, run.checkpoint(epoch))
+        history = run.history
+        kept = run.best["epoch"] if params.keep == "best" else history[-1]["epoch"]
         # metrics.json's values describe the model file (dvc metrics show/diff read them):
         # the kept epoch's, not the last one's; the plots keep every epoch. Written when the
         # Live context ends.
@@ -509,18 +556,18 @@ def train(
             live.log_metric(name, history[kept - 1][column], plot=False)
         live.summary["kept_epoch"] = kept
 
-    if params.keep == "best" and best["epoch"] != history[-1]["epoch"]:
-        model.load_state_dict(best["state"])
-        log.info("keeping epoch %d (best validation accuracy %.4f)", kept, best["val_accuracy"])
+    if params.keep == "best" and run.best["epoch"] != history[-1]["epoch"]:
+        run.model.load_state_dict(run.best["state"])
+        log.info("keeping epoch %d (best validation accuracy %.4f)", kept, run.best["val_accuracy"])
     save_model(
-        model_path, model, arch=params.model, mean=mean, std=std,
-        params=to_dict(params), arch_kwargs=arch_kwargs(params),
+        model_path, run.model, arch=params.model, mean=params.normalize.mean,
+        std=params.normalize.std, params=to_dict(params), arch_kwargs=arch_kwargs(params),
         metrics=history[kept - 1],  # the kept epoch's row: epoch, loss, accuracies
         history=history,
     )  # fmt: skip
     checkpoint_path.unlink(missing_ok=True)
     return TrainResult(
-        model_path=model_path, history=history, resumed_from_epoch=start, kept=history[kept - 1]
+        model_path=model_path, history=history, resumed_from_epoch=run.start, kept=history[kept - 1]
     )
 
 
