@@ -571,6 +571,21 @@ def _nothing_new(champion_tag: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _checked_repo(root: Path, overrides: list[str]) -> Path:
+    """The repository's top folder, once it has a commit and ``overrides`` are valid.
+
+    Before any work (`digitflow retrain` and `serve` check first too; a served run starts
+    here). Worktrees that retrain runs left behind when they died are removed.
+    """
+    repo_root = Path(_git(root, "rev-parse", "--show-toplevel").stdout.strip())
+    if _git(repo_root, "rev-parse", "--verify", "--quiet", "HEAD", check=False).returncode:
+        raise RetrainError(f"{repo_root}: no commit yet; commit the pipeline first")
+    validate_overrides(repo_root, overrides)
+    for path in prune_stale_worktrees(repo_root):
+        get_run_logger().warning("removed the worktree of a retrain run that died: %s", path)
+    return repo_root
+
+
 def _bar(
     repo_root: Path, champion_tag: str | None, metrics_file: str, classes_file: str
 ) -> tuple[dict | None, dict | None, str | None]:
@@ -628,13 +643,7 @@ def retrain(
 
     logger = get_run_logger()
     overrides = list(overrides or [])
-    repo_root = Path(_git(Path(root), "rev-parse", "--show-toplevel").stdout.strip())
-    if _git(repo_root, "rev-parse", "--verify", "--quiet", "HEAD", check=False).returncode:
-        raise RetrainError(f"{repo_root}: no commit yet; commit the pipeline first")
-    # before any work (`digitflow retrain` and `serve` check first too; a served run starts here)
-    validate_overrides(repo_root, overrides)
-    for path in prune_stale_worktrees(repo_root):
-        logger.warning("removed the worktree of a retrain run that died: %s", path)
+    repo_root = _checked_repo(Path(root), overrides)
     # the bar the challenger is judged by: HEAD's, as committed, before any override
     rules = committed_rules(repo_root)
     champion = latest_champion(repo_root)
